@@ -1,0 +1,327 @@
+"""Typed run configuration: dataclasses, YAML files with `extends`, dotted command-line overrides.
+
+Every key is declared once below, with its type, default and help text; loading checks names,
+types and values and reports the first problem as one line that names the file (or the
+command line) and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from fmdist.errors import FmdistError
+
+COMMAND_LINE = "command line"
+
+
+def _key(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    arch: Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"] = _key("resnet18", "ResNet depth")
+    in_channels: int = _key(1, "input channels the first conv takes (1: FashionMNIST; 3: grey repeated)")
+    num_classes: int = _key(10, "output classes of the fc layer")
+    width: int = _key(64, "channels of the stem; 64 is the standard ResNet and the only width pretrained weights fit")
+    weights: str = _key(
+        "IMAGENET1K_V1",
+        "pretrained/frozen regimes: torchvision ImageNet weights by name (IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT) "
+        "or a local .pth state dict",
+    )
+    stem_init: Literal["random", "rgb_sum"] = _key(
+        "random",
+        "pretrained/frozen: new first conv randomly initialised, or the pretrained RGB filters summed over colour",
+    )
+    init_from: str | None = _key(
+        None, "weights of this exact model (e.g. a run's model.pt) loaded after the regime's initialisation"
+    )
+
+
+@dataclass
+class DataConfig:
+    source: Literal["torchvision", "csv", "synthetic"] = _key(
+        "torchvision", "torchvision (downloads FashionMNIST), csv (Kaggle format) or synthetic (procedural)"
+    )
+    root: str = _key("data", "torchvision source: folder holding (or receiving) FashionMNIST/raw")
+    download: bool = _key(True, "torchvision source: download when the files are missing (local rank 0 only)")
+    train_csv: str | None = _key(None, "csv source: training file, label,pixel1..pixel784")
+    test_csv: str | None = _key(None, "csv source: test file, same format")
+    train_size: int | None = _key(
+        None, "number of training images: the first N of the split (synthetic: generated; null = 60000)"
+    )
+    test_size: int | None = _key(
+        None, "number of test images: the first N of the split (synthetic: generated; null = 10000)"
+    )
+    synthetic_seed: int = _key(0, "synthetic source: seed of the generated task (independent of the run's seed)")
+    image_size: int = _key(28, "side length the 28x28 images are resized to")
+    mean: float = _key(0.2860, "normalisation mean of the pixel values scaled to 0..1 (FashionMNIST's)")
+    std: float = _key(0.3530, "normalisation standard deviation (FashionMNIST's)")
+    augment: bool = _key(False, "random crop (padding 2) and horizontal flip on training batches")
+    num_workers: int = _key(0, "DataLoader worker processes per rank")
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["adam", "adamw", "sgd"] = _key("adam", "adam (the tutorial's), adamw or sgd (momentum, Nesterov)")
+    lr: float = _key(1e-3, "learning rate")
+    weight_decay: float = _key(0.0, "weight decay")
+    momentum: float = _key(0.9, "sgd momentum")
+
+
+@dataclass
+class TrainConfig:
+    regime: Literal["scratch", "pretrained", "frozen"] = _key(
+        "scratch", "scratch (random init), pretrained (fine-tune all) or frozen (train conv1 and fc only)"
+    )
+    epochs: int = _key(20, "training epochs")
+    batch_size: int = _key(256, "training batch size per process (global batch = batch_size x world size)")
+    eval_batch_size: int = _key(512, "evaluation batch size per process")
+    mixed_precision: Literal["no", "fp16", "bf16"] = _key(
+        "no", "autocast precision; fp16 needs a CUDA GPU (falls back to bf16 on CPU)"
+    )
+    seed: int = _key(0, "seed of initialisation, data order and augmentation")
+    deterministic: bool = _key(False, "use deterministic algorithms only (bit-reproducible runs; slower on GPU)")
+    cpu: bool = _key(False, "run on the CPU even when a GPU is present")
+    eval_only: bool = _key(False, "evaluate the initial weights (see model.init_from) and write eval.json")
+    output_dir: str | None = _key(None, "run folder; null = runs/<config file name>")
+    overwrite: bool = _key(False, "allow writing into an output_dir that already holds a run's results")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    # The config file's stem, for the default output_dir; not a key users set.
+    name: str = field(default="run", metadata={"internal": True})
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    key: str
+    type: Any
+    default: Any
+    help: str
+
+
+def config_keys(cls: type = TrainConfig, prefix: str = "") -> list[KeyInfo]:
+    """Every settable dotted key of `cls`, in declaration order."""
+    keys: list[KeyInfo] = []
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("internal"):
+            continue
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys.extend(config_keys(hints[f.name], f"{prefix}{f.name}."))
+        else:
+            keys.append(KeyInfo(prefix + f.name, hints[f.name], f.default, f.metadata.get("help", "")))
+    return keys
+
+
+def _is_optional(tp: Any) -> bool:
+    return get_origin(tp) in (Union, types.UnionType) and type(None) in get_args(tp)
+
+
+def type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return "|".join(str(a) for a in get_args(tp))
+    if _is_optional(tp):
+        inner = [a for a in get_args(tp) if a is not type(None)]
+        return f"{type_name(inner[0])} or null"
+    return {int: "integer", float: "number", bool: "true|false", str: "string"}.get(tp, str(tp))
+
+
+def format_default(value: Any) -> str:
+    return (
+        "null" if value is None else yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+    )
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """Read `path` (following `extends`), apply `key=value` overrides, type-check and validate."""
+    values: dict[str, tuple[Any, str]] = {}
+    name = "run"
+    if path is not None:
+        path = Path(path)
+        name = path.stem
+        values.update(_read_yaml_chain(path, seen=()))
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise FmdistError(f"command line: expected key=value, got {item!r}")
+        _check_key(key.strip(), COMMAND_LINE)
+        values[key.strip()] = (_parse_cli_value(text), COMMAND_LINE)
+
+    cfg = TrainConfig(name=name)
+    infos = {info.key: info for info in config_keys()}
+    for key, (value, origin) in values.items():
+        section, _, leaf = key.rpartition(".")
+        target = getattr(cfg, section) if section else cfg
+        setattr(target, leaf, _coerce(value, infos[key].type, key, origin))
+    origins = {key: origin for key, (_, origin) in values.items()}
+    validate(cfg, origins)
+    if cfg.output_dir is None:
+        cfg.output_dir = str(Path("runs") / cfg.name)
+    return cfg
+
+
+def _read_yaml_chain(path: Path, seen: tuple[Path, ...]) -> dict[str, tuple[Any, str]]:
+    if not path.is_file():
+        raise FmdistError(f"{path}: config file not found")
+    if path.resolve() in seen:
+        raise FmdistError(f"{path}: 'extends' forms a cycle")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise FmdistError(f"{path}:{where} not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise FmdistError(f"{path}: expected a mapping of config keys at the top level")
+    values: dict[str, tuple[Any, str]] = {}
+    parent = data.pop("extends", None)
+    if parent is not None:
+        values.update(_read_yaml_chain(path.parent / str(parent), seen + (path.resolve(),)))
+    for key, value in _flatten(data, str(path)):
+        values[key] = (value, str(path))
+    return values
+
+
+def _flatten(data: dict, origin: str, prefix: str = ""):
+    sections = {name for name, tp in get_type_hints(TrainConfig).items() if dataclasses.is_dataclass(tp)}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if not prefix and key in sections:
+            if not isinstance(value, dict):
+                raise FmdistError(
+                    f"{origin}: key '{dotted}' is a section; expected a mapping such as '{dotted}: {{...}}'"
+                )
+            yield from _flatten(value, origin, prefix=f"{dotted}.")
+        elif isinstance(value, dict):  # a misspelt section: report its keys under the misspelt name
+            yield from _flatten({f"{dotted}.{k}": v for k, v in value.items()}, origin)
+        else:
+            _check_key(dotted, origin)
+            yield dotted, value
+
+
+def _check_key(key: str, origin: str) -> None:
+    valid = [info.key for info in config_keys()]
+    if key in valid:
+        return
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if not close:  # a typo in the section part often hides the leaf: match on the leaf too
+        leaf = key.rpartition(".")[2]
+        close = [k for k in valid if k.rpartition(".")[2] == leaf][:1]
+    hint = f"; did you mean '{close[0]}'?" if close else "; run with --help to list the keys"
+    raise FmdistError(f"{origin}: unknown key '{key}'{hint}")
+
+
+def _parse_cli_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        return text
+
+
+def _coerce(value: Any, tp: Any, key: str, origin: str) -> Any:
+    def fail(expected: str) -> FmdistError:
+        return FmdistError(f"{origin}: key '{key}': expected {expected}, got {value!r}")
+
+    if _is_optional(tp):
+        inner = [a for a in get_args(tp) if a is not type(None)][0]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(value, inner, key, origin)
+    if get_origin(tp) is Literal:
+        choices = get_args(tp)
+        if isinstance(value, str) and value.lower() in choices:
+            return value.lower()
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise FmdistError(f"{origin}: key '{key}': expected one of {'|'.join(choices)}, got {value!r}{hint}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise fail("true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise fail("an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise fail("a number")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise fail("a string")
+    raise TypeError(f"unsupported config type {tp!r} for {key}")
+
+
+def validate(cfg: TrainConfig, origins: dict[str, str] | None = None) -> None:
+    """Check values that are well-typed but impossible; raise on the first with its key and origin."""
+    origins = origins or {}
+
+    def require(ok: bool, key: str, expected: str) -> None:
+        if not ok:
+            section, _, leaf = key.rpartition(".")
+            value = getattr(getattr(cfg, section) if section else cfg, leaf)
+            origin = origins.get(key, "default config")
+            raise FmdistError(f"{origin}: key '{key}': expected {expected}, got {value!r}")
+
+    require(cfg.epochs >= 1, "epochs", "at least 1")
+    require(cfg.batch_size >= 1, "batch_size", "at least 1")
+    require(cfg.eval_batch_size >= 1, "eval_batch_size", "at least 1")
+    require(cfg.seed >= 0, "seed", "a non-negative integer")
+    require(cfg.model.in_channels in (1, 3), "model.in_channels", "1 or 3")
+    require(cfg.model.num_classes >= 2, "model.num_classes", "at least 2")
+    require(cfg.model.width >= 1, "model.width", "at least 1")
+    require(bool(cfg.model.weights.strip()), "model.weights", "a weights name or a .pth path")
+    require(8 <= cfg.data.image_size <= 512, "data.image_size", "between 8 and 512")
+    require(cfg.data.train_size is None or cfg.data.train_size >= 1, "data.train_size", "at least 1 or null")
+    require(cfg.data.test_size is None or cfg.data.test_size >= 1, "data.test_size", "at least 1 or null")
+    require(0.0 <= cfg.data.mean <= 1.0, "data.mean", "a value in 0..1")
+    require(math.isfinite(cfg.data.std) and cfg.data.std > 0, "data.std", "a positive number")
+    require(cfg.data.num_workers >= 0, "data.num_workers", "0 or more")
+    require(cfg.data.synthetic_seed >= 0, "data.synthetic_seed", "a non-negative integer")
+    if cfg.data.source == "csv":
+        require(cfg.data.train_csv is not None, "data.train_csv", "a CSV path when data.source is csv")
+        require(cfg.data.test_csv is not None, "data.test_csv", "a CSV path when data.source is csv")
+    require(math.isfinite(cfg.optimizer.lr) and cfg.optimizer.lr > 0, "optimizer.lr", "a positive number")
+    require(cfg.optimizer.weight_decay >= 0, "optimizer.weight_decay", "0 or more")
+    require(0 <= cfg.optimizer.momentum < 1, "optimizer.momentum", "a value in [0, 1)")
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    """The resolved config as nested plain data, as saved in a run's config.yaml."""
+    data = dataclasses.asdict(cfg)
+    data.pop("name")
+    return data
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def keys_help() -> str:
+    """The table `--help` prints: every key, its type and default."""
+    lines = ["config keys (set in the YAML file or as key=value after --config):"]
+    for info in config_keys():
+        lines.append(f"  {info.key} = {format_default(info.default)}  [{type_name(info.type)}]")
+        lines.append(f"      {info.help}")
+    return "\n".join(lines)

@@ -1,0 +1,93 @@
+"""One training epoch and one exact evaluation pass."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fmdist import distributed
+
+
+@dataclass
+class TrainStats:
+    loss: float  # mean over every image of the epoch, all ranks
+    images: int  # images seen by all ranks together
+    seconds: float
+
+
+@dataclass
+class EvalStats:
+    loss: float
+    accuracy: float
+    count: int  # images evaluated over all ranks: exactly the test set size
+
+
+def train_one_epoch(model: nn.Module, loader, optimizer, transform, accelerator) -> TrainStats:
+    model.train()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    images_seen = 0
+    start = time.perf_counter()
+    for images, labels in loader:
+        inputs = transform(images, train=True)
+        labels = labels.to(accelerator.device, non_blocking=True)
+        with accelerator.autocast():
+            logits = model(inputs)
+        loss = F.cross_entropy(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        optimizer.step()
+        loss_sum += loss.detach().double() * len(labels)
+        images_seen += len(labels)
+    seconds = time.perf_counter() - start
+    total_loss, total_images = distributed.all_reduce_sum([loss_sum.item(), images_seen])
+    return TrainStats(loss=total_loss / max(total_images, 1), images=int(total_images), seconds=seconds)
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader, transform, accelerator) -> EvalStats:
+    """Loss and accuracy over exactly the images the loader's shards hold, summed over ranks.
+
+    `model` must be the unwrapped module: a DDP wrapper may synchronise buffers in forward,
+    which would hang when ranks hold different numbers of test batches.
+    """
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    correct = torch.zeros((), dtype=torch.int64, device=accelerator.device)
+    count = 0
+    for images, labels in loader:
+        inputs = transform(images, train=False)
+        labels = labels.to(accelerator.device, non_blocking=True)
+        with accelerator.autocast():
+            logits = model(inputs)
+        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").double()
+        correct += (logits.argmax(dim=1) == labels).sum()
+        count += len(labels)
+    total_loss, total_correct, total_count = distributed.all_reduce_sum([loss_sum.item(), correct.item(), count])
+    total_count = int(total_count)
+    return EvalStats(
+        loss=total_loss / max(total_count, 1), accuracy=total_correct / max(total_count, 1), count=total_count
+    )
+
+
+def compute_dtypes(model: nn.Module, inputs: torch.Tensor, accelerator) -> set[torch.dtype]:
+    """The dtypes the convolutions actually produce under this run's autocast, from one forward pass."""
+    seen: set[torch.dtype] = set()
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, out: seen.add(out.dtype))
+        for m in model.modules()
+        if isinstance(m, nn.Conv2d)
+    ]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.inference_mode(), accelerator.autocast():
+            model(inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return seen

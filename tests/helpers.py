@@ -1,0 +1,113 @@
+"""Test helpers: launching the trainer as real processes, and writing real data files offline."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "configs"
+REAL_SAMPLE_CSV = Path(
+    os.environ.get("FMDIST_REAL_SAMPLE_CSV", REPO.parent / "shared/data/fashion-mnist-real-sample.csv")
+)
+# A one-epoch run on a small synthetic task, for tests about something other than learning.
+TINY_SYNTHETIC_RUN = ("data.source=synthetic", "data.train_size=256", "data.test_size=64", "batch_size=32", "epochs=1")
+# Every launch is bounded: a hung collective fails the test instead of stalling CI.
+LAUNCH_TIMEOUT = 300
+# A proxy on a closed local port: anything that tries the internet fails at once instead of
+# waiting for a network this machine does not have.
+OFFLINE_ENV = {
+    "http_proxy": "http://127.0.0.1:9",
+    "https_proxy": "http://127.0.0.1:9",
+    "HTTP_PROXY": "http://127.0.0.1:9",
+    "HTTPS_PROXY": "http://127.0.0.1:9",
+    "no_proxy": "",
+}
+
+
+def launch_env(extra: dict | None = None) -> dict:
+    env = dict(os.environ)
+    env.update(OFFLINE_ENV)
+    env.pop("NO_PROXY", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
+    return env
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_command(*args: str, nproc: int | None = None) -> list[str]:
+    """`python -m fmdist.train ARGS`, or the same under torchrun with `nproc` processes."""
+    if nproc is None:
+        return [sys.executable, "-m", "fmdist.train", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        "-m",
+        "fmdist.train",
+        *args,
+    ]
+
+
+def run_command(command: list[str], cwd: Path, env: dict | None = None, timeout: int = LAUNCH_TIMEOUT, check=True):
+    result = subprocess.run(command, cwd=cwd, env=launch_env(env), capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(command)} exited {result.returncode}\n--- stdout\n{result.stdout[-4000:]}\n"
+            f"--- stderr\n{result.stderr[-6000:]}"
+        )
+    return result
+
+
+def train(
+    tmp_path: Path, *args: str, nproc: int | None = None, env: dict | None = None, check=True, timeout=LAUNCH_TIMEOUT
+):
+    return run_command(train_command(*args, nproc=nproc), cwd=tmp_path, env=env, check=check, timeout=timeout)
+
+
+def read_history(run_dir: Path) -> list[dict]:
+    return json.loads((run_dir / "history.json").read_text())
+
+
+def write_kaggle_csv(path: Path, images: np.ndarray, labels: np.ndarray) -> Path:
+    header = "label," + ",".join(f"pixel{i}" for i in range(1, 785))
+    rows = [
+        ",".join([str(int(label))] + [str(int(v)) for v in image.reshape(-1)])
+        for image, label in zip(images, labels, strict=True)
+    ]
+    path.write_text(header + "\n" + "\n".join(rows) + "\n")
+    return path
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool = False) -> Path:
+    """An IDX file as FashionMNIST ships them: magic (0, 0, ubyte=0x08, ndim), big-endian dims, data."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    data = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+    path.write_bytes(gzip.compress(data) if compress else data)
+    return path
+
+
+def load_real_sample() -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [N, 28, 28], labels) of the real FashionMNIST sample, or skip if it is absent."""
+    if not REAL_SAMPLE_CSV.is_file():
+        pytest.skip(f"real FashionMNIST sample not found at {REAL_SAMPLE_CSV} (set FMDIST_REAL_SAMPLE_CSV)")
+    table = np.loadtxt(REAL_SAMPLE_CSV, delimiter=",", skiprows=1, dtype=np.int64)
+    return table[:, 1:].astype(np.uint8).reshape(-1, 28, 28), table[:, 0]

@@ -1,0 +1,134 @@
+"""Dataset sources, sharding and batch transforms."""
+
+import numpy as np
+import pytest
+import torch
+
+from fmdist.config import load_config
+from fmdist.data import FASHION_MNIST_CLASSES, ShardSampler, load_splits, synthetic_images, train_loader
+from fmdist.errors import FmdistError
+from fmdist.transforms import BatchTransform
+
+from helpers import write_idx
+
+
+def data_cfg(*overrides):
+    return load_config(None, list(overrides)).data
+
+
+def test_synthetic_is_deterministic_any_size_and_balanced():
+    a_images, a_labels = synthetic_images(1234, 10, task_seed=3, split="train")
+    b_images, b_labels = synthetic_images(1234, 10, task_seed=3, split="train")
+    assert torch.equal(a_images, b_images) and torch.equal(a_labels, b_labels)
+    assert a_images.dtype == torch.uint8 and a_images.shape == (1234, 28, 28)
+    assert torch.bincount(a_labels).tolist() == [124] * 4 + [123] * 6
+    other_task, _ = synthetic_images(1234, 10, task_seed=4, split="train")
+    test_images, _ = synthetic_images(1234, 10, task_seed=3, split="test")
+    assert not torch.equal(a_images, other_task) and not torch.equal(a_images, test_images)
+
+
+def test_synthetic_defaults_to_fashion_mnist_sizes():
+    train, test = load_splits(data_cfg("data.source=synthetic", "data.test_size=7"), num_classes=10)
+    assert (len(train), len(test)) == (60000, 7)
+
+
+@pytest.fixture
+def idx_root(tmp_path, real_sample):
+    """FashionMNIST's four IDX files, as torchvision keeps them, made of real images."""
+    images, labels = real_sample
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    write_idx(raw / "train-images-idx3-ubyte", images[:600])
+    write_idx(raw / "train-labels-idx1-ubyte", labels[:600])
+    write_idx(raw / "t10k-images-idx3-ubyte", images[600:])
+    write_idx(raw / "t10k-labels-idx1-ubyte", labels[600:])
+    return tmp_path
+
+
+def test_torchvision_source_reads_idx_files_without_downloading(idx_root, real_sample):
+    images, labels = real_sample
+    train, test = load_splits(data_cfg("data.source=torchvision", f"data.root={idx_root}"), num_classes=10)
+    assert torch.equal(train.images, torch.from_numpy(images[:600]))
+    assert torch.equal(test.labels, torch.from_numpy(labels[600:]))
+    assert train.classes == FASHION_MNIST_CLASSES
+
+
+def test_torchvision_source_missing_files_names_the_folder(tmp_path):
+    with pytest.raises(FmdistError, match=f"not found in {tmp_path}/FashionMNIST/raw \\(data.download is false\\)"):
+        load_splits(data_cfg("data.source=torchvision", f"data.root={tmp_path}", "data.download=false"), 10)
+
+
+def test_sizes_limit_the_split_and_too_large_a_size_is_refused(idx_root):
+    train, test = load_splits(data_cfg(f"data.root={idx_root}", "data.train_size=100", "data.test_size=33"), 10)
+    assert (len(train), len(test)) == (100, 33)
+    with pytest.raises(FmdistError, match="data.train_size=601 but .* holds only 600 images"):
+        load_splits(data_cfg(f"data.root={idx_root}", "data.train_size=601"), 10)
+
+
+def test_labels_beyond_num_classes_are_refused(idx_root):
+    with pytest.raises(FmdistError, match="FashionMNIST: labels run up to 9, but model.num_classes is 5"):
+        load_splits(data_cfg(f"data.root={idx_root}"), 5)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_shard_sampler_covers_every_test_image_exactly_once(world):
+    shards = [list(ShardSampler(101, rank, world)) for rank in range(world)]
+    assert sorted(i for shard in shards for i in shard) == list(range(101))
+
+
+def test_training_order_is_deterministic_given_seed_and_epoch(monkeypatch):
+    split, _ = load_splits(data_cfg("data.source=synthetic", "data.train_size=300", "data.test_size=10"), 10)
+
+    def epoch_labels(seed, epoch, rank=0, world=1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        loader = train_loader(split, batch_size=32, seed=seed, num_workers=0)
+        loader.sampler.set_epoch(epoch)
+        return torch.cat([labels for _, labels in loader])
+
+    assert torch.equal(epoch_labels(0, 1), epoch_labels(0, 1))
+    assert not torch.equal(epoch_labels(0, 1), epoch_labels(0, 2))
+    assert not torch.equal(epoch_labels(0, 1), epoch_labels(1, 1))
+    halves = [epoch_labels(0, 1, rank, 2) for rank in range(2)]
+    assert len(halves[0]) == len(halves[1]) == 150
+
+
+def test_batches_larger_than_a_shard_and_more_processes_than_images_are_refused(monkeypatch):
+    split, _ = load_splits(data_cfg("data.source=synthetic", "data.train_size=5", "data.test_size=10"), 10)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(FmdistError, match=r"batch_size=4 is larger than each process's share .* use batch_size <= 3"):
+        train_loader(split, batch_size=4, seed=0, num_workers=0)
+    monkeypatch.setenv("WORLD_SIZE", "6")
+    with pytest.raises(FmdistError, match="5 training images cannot be shared by 6 processes"):
+        train_loader(split, batch_size=1, seed=0, num_workers=0)
+
+
+def transform(**overrides):
+    settings = dict(image_size=28, mean=0.0, std=1.0, in_channels=1, augment=False, seed=0, rank=0)
+    return BatchTransform(**{**settings, **overrides}, device=torch.device("cpu"))
+
+
+def test_batch_transform_scales_normalises_and_resizes():
+    images = torch.full((4, 28, 28), 255, dtype=torch.uint8)
+    out = transform(image_size=28, mean=0.5, std=0.25)(images, train=True)
+    assert out.shape == (4, 1, 28, 28) and torch.allclose(out, torch.full_like(out, 2.0))
+    big = transform(image_size=64, in_channels=3)(images, train=False)
+    assert big.shape == (4, 3, 64, 64) and torch.allclose(big, torch.ones_like(big))
+
+
+def test_augmentation_crops_and_flips_reproducibly_and_only_in_training():
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (16, 28, 28), dtype=np.uint8))
+
+    def make(rank):
+        return transform(augment=True, rank=rank)
+
+    first, again, other_rank = make(0)(images, True), make(0)(images, True), make(1)(images, True)
+    assert first.shape == (16, 1, 28, 28)
+    assert torch.equal(first, again) and not torch.equal(first, other_rank)
+    assert not torch.equal(first, images.unsqueeze(1).float() / 255)
+    assert torch.equal(make(0)(images, False), images.unsqueeze(1).float() / 255)
+    # every augmented image is a shifted, possibly mirrored window of its zero-padded original
+    padded = torch.nn.functional.pad(images.float() / 255, (2, 2, 2, 2))
+    for original, out in zip(padded, first[:, 0], strict=True):
+        windows = [original[y : y + 28, x : x + 28] for y in range(5) for x in range(5)]
+        assert any(torch.equal(out, w) or torch.equal(out, w.flip(-1)) for w in windows)
