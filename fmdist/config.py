@@ -94,6 +94,13 @@ class TrainConfig:
     eval_only: bool = _key(False, "evaluate the initial weights (see model.init_from) and write eval.json")
     output_dir: str | None = _key(None, "run folder; null = runs/<config file name>")
     overwrite: bool = _key(False, "allow writing into an output_dir that already holds a run's results")
+    resume: str = _key(
+        "auto",
+        "auto: continue from output_dir's latest checkpoint if there is one; never: start fresh (refused over "
+        "an earlier run unless overwrite=true); or a checkpoint file to continue from",
+    )
+    checkpoint_every: int = _key(1, "save a checkpoint every N epochs (and always after the last)")
+    keep_checkpoints: int = _key(3, "how many of the latest checkpoints to keep (best.pt is kept besides)")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -288,6 +295,9 @@ def validate(cfg: TrainConfig, origins: dict[str, str] | None = None) -> None:
     require(cfg.batch_size >= 1, "batch_size", "at least 1")
     require(cfg.eval_batch_size >= 1, "eval_batch_size", "at least 1")
     require(cfg.seed >= 0, "seed", "a non-negative integer")
+    require(bool(cfg.resume.strip()), "resume", "auto, never or a checkpoint path")
+    require(cfg.checkpoint_every >= 1, "checkpoint_every", "at least 1")
+    require(cfg.keep_checkpoints >= 1, "keep_checkpoints", "at least 1")
     require(cfg.model.in_channels in (1, 3), "model.in_channels", "1 or 3")
     require(cfg.model.num_classes >= 2, "model.num_classes", "at least 2")
     require(cfg.model.width >= 1, "model.width", "at least 1")

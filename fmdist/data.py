@@ -7,6 +7,7 @@ resizing, normalisation and augmentation happen per batch (see transforms.py).
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,6 +167,29 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
+class ResumableDistributedSampler(DistributedSampler):
+    """DistributedSampler whose epoch can start part-way, after the batches a checkpoint covered.
+
+    The order of an epoch depends only on (seed, epoch), so skipping the first batches of the
+    same order continues a stopped epoch exactly.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int, batch_size: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.batch_size = batch_size
+        self.skipped = 0
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.skipped = min(skip_batches * self.batch_size, self.num_samples)
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.skipped, None)
+
+    def __len__(self) -> int:
+        return self.num_samples - self.skipped
+
+
 def train_loader(split: ImageSplit, batch_size: int, seed: int, num_workers: int) -> DataLoader:
     world, rank = distributed.world_size(), distributed.rank()
     if len(split) < world:
@@ -177,7 +201,7 @@ def train_loader(split: ImageSplit, batch_size: int, seed: int, num_workers: int
             f"({shard} of {len(split)} images over {world} processes); use batch_size <= {shard}"
         )
     dataset = SplitDataset(split)
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    sampler = ResumableDistributedSampler(dataset, num_replicas=world, rank=rank, seed=seed, batch_size=batch_size)
     # A final batch of one image cannot be batch-normalised in training mode.
     return _batches(dataset, sampler, batch_size, num_workers, drop_last=shard % batch_size == 1)
 

@@ -58,39 +58,80 @@ def warn(message: str) -> None:
     main_print(f"fmdist: warning: {message}", file=sys.stderr)
 
 
-def all_reduce_sum(values: list[float]) -> list[float]:
-    """Sum a few numbers over all ranks, in float64 so counts and loss sums stay exact."""
+def _all_reduce(values: list[float], op: str) -> list[float]:
+    # float64 keeps counts and loss sums exact
     tensor = torch.tensor(values, dtype=torch.float64)
     if _initialized() and world_size() > 1:
         if dist.get_backend() == "nccl":
             tensor = tensor.cuda()
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op))
     return tensor.cpu().tolist()
 
 
-def sync_error(error: FmdistError | None) -> None:
-    """Collective: if any rank failed, every rank raises the first failure (so none waits forever)."""
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Sum a few numbers over all ranks."""
+    return _all_reduce(values, "SUM")
+
+
+def any_rank_flags(flags: list[bool]) -> list[bool]:
+    """For each flag: is it set on any rank? One tiny collective; every rank gets the same answer."""
+    return [value > 0 for value in _all_reduce([float(f) for f in flags], "MAX")]
+
+
+def gather_objects(obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank."""
     if not (_initialized() and world_size() > 1):
+        return [obj]
+    objects: list = [None] * world_size()
+    dist.all_gather_object(objects, obj)
+    return objects
+
+
+def restart_count() -> int:
+    """How often torchrun has restarted this worker group after a failure (0 on the first start)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+
+
+def _attempt(fn: Callable[[], T], on_this_rank: bool) -> tuple[T | None, BaseException | None]:
+    if not on_this_rank:
+        return None, None
+    try:
+        return fn(), None
+    except Exception as e:  # shared below so that no other rank waits forever for this one
+        return None, e
+
+
+def _share_outcome(result, error: BaseException | None, from_rank: int | None):
+    """Collective: if any rank failed, every rank raises.
+
+    The failing rank raises its own exception (a FmdistError prints as one line, anything else
+    with its traceback); the others raise a FmdistError carrying the same message, so all end
+    together instead of waiting for a rank that is gone. Returns rank `from_rank`'s result, or
+    this rank's own when from_rank is None.
+    """
+    failure = None
+    if error is not None:
+        failure = (isinstance(error, FmdistError), str(error) if isinstance(error, FmdistError) else repr(error))
+    outcomes = gather_objects((failure, result if from_rank is not None else None))
+    failed = next(((r, f) for r, (f, _) in enumerate(outcomes) if f is not None), None)
+    if failed is not None:
         if error is not None:
             raise error
-        return
-    messages: list[str | None] = [None] * world_size()
-    dist.all_gather_object(messages, None if error is None else str(error))
-    first = next((m for m in messages if m is not None), None)
-    if first is not None:
-        raise FmdistError(first)
+        failed_rank, (user_error, message) = failed
+        raise FmdistError(message if user_error else f"rank {failed_rank} failed: {message}")
+    return result if from_rank is None else outcomes[from_rank][1]
 
 
 def run_synced(fn: Callable[[], T], on_this_rank: bool) -> T | None:
-    """Run `fn` where `on_this_rank` is true; a FmdistError there is raised on every rank."""
-    result, error = None, None
-    if on_this_rank:
-        try:
-            result = fn()
-        except FmdistError as e:
-            error = e
-    sync_error(error)
-    return result
+    """Run `fn` where `on_this_rank` is true; a failure there is raised on every rank."""
+    result, error = _attempt(fn, on_this_rank)
+    return _share_outcome(result, error, from_rank=None)
+
+
+def decide_on_main(fn: Callable[[], T]) -> T:
+    """Rank 0 runs `fn`; every rank gets its result (or fails with it)."""
+    result, error = _attempt(fn, is_main_process())
+    return _share_outcome(result, error, from_rank=0)
 
 
 def local_main_first(fn: Callable[[], T]) -> T:
@@ -135,15 +176,34 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
+def _init_process_group(backend: str, timeout: datetime.timedelta) -> None:
+    """init_process_group with a key space of its own for each torchrun restart of the group.
+
+    torchrun keeps its rendezvous store across restarts; without a prefix, a restarted group can
+    read the addresses of the group it replaces and fail with "Gloo connectFullMesh failed ...
+    Connection refused". Accelerate then uses this process group as it finds it.
+    """
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        is_master=not agent_hosts_store and rank() == 0,
+        timeout=timeout,
+        multi_tenant=True,
+    )
+    attempt_store = dist.PrefixStore(f"fmdist/attempt-{restart_count()}", store)
+    dist.init_process_group(backend, store=attempt_store, rank=rank(), world_size=world_size(), timeout=timeout)
+
+
 def setup(cfg) -> Runtime:
     """Start the process group and device through Accelerate, seed every library."""
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
 
     use_cpu = cfg.cpu or not torch.cuda.is_available()
     precision = resolve_mixed_precision(cfg.mixed_precision, "cpu" if use_cpu else "cuda")
-    timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=10))
-    accelerator = Accelerator(mixed_precision=precision, cpu=use_cpu, kwargs_handlers=[timeout])
+    if world_size() > 1 and "MASTER_ADDR" in os.environ and not _initialized():
+        _init_process_group("gloo" if use_cpu else "nccl", timeout=datetime.timedelta(minutes=10))
+    accelerator = Accelerator(mixed_precision=precision, cpu=use_cpu)
     seed_everything(cfg.seed, cfg.deterministic)
     return Runtime(
         accelerator=accelerator,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fmdist import distributed
+from fmdist.errors import FmdistError
 
 
 @dataclass
@@ -26,11 +28,41 @@ class EvalStats:
     count: int  # images evaluated over all ranks: exactly the test set size
 
 
-def train_one_epoch(model: nn.Module, loader, optimizer, transform, accelerator) -> TrainStats:
+@dataclass
+class EpochProgress:
+    """How far an epoch has come. When an epoch stops early, loss_sum and images hold the totals
+    over all ranks; a resumed epoch starts from them on rank 0 and from zero elsewhere."""
+
+    step: int = 0  # batches done
+    loss_sum: float = 0.0
+    images: int = 0
+    seconds: float = 0.0
+
+
+class TrainingDiverged(FmdistError):
+    exit_code = 3
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader,
+    optimizer,
+    transform,
+    accelerator,
+    epoch: int,
+    progress: EpochProgress,
+    stop_requested: Callable[[], bool],
+) -> TrainStats | EpochProgress:
+    """Train until the loader is exhausted (TrainStats) or a stop is requested (the EpochProgress to save).
+
+    After every step all ranks agree on two flags, so they stop at the same step: a stop
+    request on any rank, and a non-finite loss on any rank (which ends the run).
+    """
     model.train()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    images_seen = 0
+    loss_sum = torch.tensor(progress.loss_sum, dtype=torch.float64, device=accelerator.device)
+    images_seen, step = progress.images, progress.step
     start = time.perf_counter()
+    stopped = False
     for images, labels in loader:
         inputs = transform(images, train=True)
         labels = labels.to(accelerator.device, non_blocking=True)
@@ -40,10 +72,23 @@ def train_one_epoch(model: nn.Module, loader, optimizer, transform, accelerator)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         optimizer.step()
+        step += 1
+        finite = bool(torch.isfinite(loss))
+        stopped, diverged = distributed.any_rank_flags([stop_requested(), not finite])
+        if diverged:
+            value = f"{loss.item()}" if not finite else "non-finite on another rank"
+            raise TrainingDiverged(
+                f"training loss is {value} at epoch {epoch}, step {step}; stopped without saving, "
+                "the checkpoints written before stay"
+            )
         loss_sum += loss.detach().double() * len(labels)
         images_seen += len(labels)
-    seconds = time.perf_counter() - start
+        if stopped:
+            break
+    seconds = progress.seconds + time.perf_counter() - start
     total_loss, total_images = distributed.all_reduce_sum([loss_sum.item(), images_seen])
+    if stopped:
+        return EpochProgress(step=step, loss_sum=total_loss, images=int(total_images), seconds=seconds)
     return TrainStats(loss=total_loss / max(total_images, 1), images=int(total_images), seconds=seconds)
 
 

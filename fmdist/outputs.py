@@ -17,6 +17,7 @@ HISTORY_FILE = "history.json"
 WEIGHTS_FILE = "model.pt"
 EVAL_FILE = "eval.json"
 EVAL_CONFIG_FILE = "eval_config.yaml"
+CHECKPOINT_DIR = "checkpoints"
 SAMPLES_FILE = "samples.png"
 CURVES_FILE = "curves.png"
 
@@ -35,6 +36,11 @@ def atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # make the rename itself durable
+    finally:
+        os.close(directory)
 
 
 def _umask() -> int:
@@ -50,20 +56,24 @@ class RunFolder:
     def __truediv__(self, name: str) -> Path:
         return self.path / name
 
-    def prepare(self, result_files: tuple[str, ...], overwrite: bool) -> None:
-        """Create the folder; refuse if it already holds any of `result_files`, unless overwrite."""
-        existing = [name for name in result_files if (self.path / name).exists()]
-        if existing and not overwrite:
-            raise FmdistError(
-                f"output_dir {self.path} already holds results ({existing[0]}); "
-                "choose another output_dir or set overwrite=true"
-            )
+    def ensure_writable(self) -> None:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             probe = tempfile.NamedTemporaryFile(dir=self.path, prefix=".write-test-")
             probe.close()
         except OSError as e:
             raise FmdistError(f"output_dir {self.path}: not writable ({e.strerror or e})") from None
+
+    def remove_unfinished_writes(self) -> None:
+        """Delete temporary files a killed process left mid-write (see atomic_write)."""
+        for folder in (self.path, self.path / CHECKPOINT_DIR):
+            for leftover in folder.glob(".*.tmp"):
+                leftover.unlink(missing_ok=True)
+
+    def remove_results(self) -> None:
+        """Delete an earlier run's results before a fresh run replaces them (overwrite=true)."""
+        for name in (HISTORY_FILE, WEIGHTS_FILE, CURVES_FILE):
+            (self.path / name).unlink(missing_ok=True)
 
     def write_text(self, name: str, text: str) -> None:
         atomic_write(self.path / name, text.encode())

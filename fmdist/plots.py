@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import matplotlib
@@ -9,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on clusters and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+
+from fmdist.outputs import atomic_write  # noqa: E402
 
 
 def save_samples_grid(
@@ -47,9 +50,7 @@ def save_curves(history: list[dict], path: Path, title: str = "") -> None:
 
 
 def _save(fig, path: Path) -> None:
-    # Render to a temporary name and rename, so a crash never leaves a half-written PNG.
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
-    tmp.replace(path)
+    atomic_write(Path(path), buffer.getvalue())

@@ -67,15 +67,19 @@ def pretrained_model(cfg) -> nn.Module:
     return model
 
 
-def build_model(cfg) -> tuple[nn.Module, ParameterCounts]:
-    """The model in its starting state for cfg.regime, with requires_grad set per regime."""
+def build_model(cfg, initial_weights: bool = True) -> tuple[nn.Module, ParameterCounts]:
+    """The model for cfg.regime, with requires_grad set per regime.
+
+    initial_weights=False builds only the shape (for a run whose weights come from a checkpoint),
+    so resuming a pretrained run needs neither the network nor the original weights file.
+    """
     m = cfg.model
-    if cfg.regime == "scratch":
+    if cfg.regime == "scratch" or not initial_weights:
         model = resnet(m.arch, in_channels=m.in_channels, num_classes=m.num_classes, width=m.width)
     else:
         model = pretrained_model(cfg)
         adapt_stem_and_head(model, m.in_channels, m.num_classes, m.stem_init)
-    if m.init_from is not None:
+    if m.init_from is not None and initial_weights:
         path = Path(m.init_from)
         if not path.is_file():
             raise FmdistError(f"model.init_from: {path}: file not found")

@@ -1,7 +1,7 @@
 """Train (or evaluate) one regime: `python -m fmdist.train --config PATH [key=value ...]`.
 
 Runs the same as one plain process, under `torchrun --nproc_per_node=N` and under
-`accelerate launch`; see the README for the launch commands.
+`accelerate launch`; see the README for the launch commands, resuming and exit codes.
 """
 
 from __future__ import annotations
@@ -11,22 +11,32 @@ import sys
 import time
 
 from fmdist import distributed, plots
+from fmdist.checkpoints import (
+    FORMAT_VERSION,
+    CheckpointStore,
+    Position,
+    capture_rng,
+    load_checkpoint,
+    restore_rng,
+)
 from fmdist.config import TrainConfig, keys_help, load_config, to_yaml
 from fmdist.data import eval_loader, load_splits, train_loader
-from fmdist.engine import compute_dtypes, evaluate, train_one_epoch
+from fmdist.engine import EpochProgress, compute_dtypes, evaluate, train_one_epoch
 from fmdist.errors import FmdistError
 from fmdist.optim import build_optimizer
 from fmdist.outputs import (
+    CHECKPOINT_DIR,
     CONFIG_FILE,
     CURVES_FILE,
     EVAL_CONFIG_FILE,
     EVAL_FILE,
     HISTORY_FILE,
     SAMPLES_FILE,
-    WEIGHTS_FILE,
     RunFolder,
 )
+from fmdist.preemption import Checkpointed, StopSignals
 from fmdist.regimes import build_model
+from fmdist.resume import check_same_run, data_digest, fingerprint, plan_start
 from fmdist.transforms import BatchTransform
 
 log = distributed.main_print
@@ -61,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     except FmdistError as e:
         distributed.main_print(f"fmdist: error: {e}", file=sys.stderr)
         return e.exit_code
+    except Checkpointed as stop:
+        log(f"fmdist: {stop}")
+        return stop.exit_code
     finally:
         distributed.shutdown()
     return 0
@@ -68,39 +81,79 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(cfg: TrainConfig) -> list[dict] | dict:
     runtime = distributed.setup(cfg)
-    accelerator = runtime.accelerator
-    main_process = distributed.is_main_process()
-
     folder = RunFolder(cfg.output_dir)
-    result_files = (EVAL_FILE,) if cfg.eval_only else (HISTORY_FILE, WEIGHTS_FILE)
-
-    distributed.run_synced(lambda: folder.prepare(result_files, cfg.overwrite), on_this_rank=main_process)
+    distributed.run_synced(folder.ensure_writable, on_this_rank=distributed.is_main_process())
     log(
         f"fmdist: {cfg.regime} {cfg.model.arch}, {runtime.world_size} process(es) on {runtime.device.type}, "
         f"batch {cfg.batch_size} per process ({cfg.batch_size * runtime.world_size} global), output {folder.path}"
     )
-
     train_split, test_split = load_splits(cfg.data, cfg.model.num_classes)
     log(
         f"fmdist: data {cfg.data.source}: {len(train_split)} training images from {train_split.origin}, "
         f"{len(test_split)} test images from {test_split.origin}"
     )
     test_batches = eval_loader(test_split, cfg.eval_batch_size, cfg.data.num_workers)
-    train_batches = None if cfg.eval_only else train_loader(train_split, cfg.batch_size, cfg.seed, cfg.data.num_workers)
+    if cfg.eval_only:
+        return _evaluate_only(cfg, runtime, folder, test_split, test_batches)
+    return _train(cfg, runtime, folder, train_split, test_split, test_batches)
+
+
+def _evaluate_only(cfg, runtime, folder: RunFolder, test_split, test_batches) -> dict:
+    if (folder / EVAL_FILE).exists() and not cfg.overwrite:
+        raise FmdistError(f"output_dir {folder.path} already holds {EVAL_FILE}; set overwrite=true to replace it")
     model, counts = build_model(cfg)
     log(f"fmdist: parameters: {counts.trainable:,} trainable / {counts.total:,} total")
+    model = runtime.accelerator.prepare(model)
+    bare_model = runtime.accelerator.unwrap_model(model)
+    transform = BatchTransform.from_config(cfg, runtime.rank, runtime.device)
+    stats = evaluate(bare_model, test_batches, transform, runtime.accelerator)
+    log(f"Validation Loss: {stats.loss:.6f}, Accuracy: {stats.accuracy:.6f} ({stats.count} images)")
+    result = {"val_loss": stats.loss, "val_acc": stats.accuracy, "val_count": stats.count}
 
-    # Written only now that data and weights are known to be good: a run that fails on bad
-    # input leaves the folder as it found it.
+    def write():
+        folder.write_text(EVAL_CONFIG_FILE, to_yaml(cfg))
+        folder.write_json(EVAL_FILE, result)
+
+    distributed.run_synced(write, on_this_rank=distributed.is_main_process())
+    return result
+
+
+def _train(cfg, runtime, folder: RunFolder, train_split, test_split, test_batches) -> list[dict]:
+    accelerator = runtime.accelerator
+    main_process = distributed.is_main_process()
+    train_batches = train_loader(train_split, cfg.batch_size, cfg.seed, cfg.data.num_workers)
+    store = CheckpointStore(folder / CHECKPOINT_DIR)
+    restarted = distributed.restart_count() > 0
+    plan = distributed.decide_on_main(lambda: plan_start(cfg, folder, store, restarted))
+    for note in plan.notes:
+        distributed.warn(note)
+
+    model, counts = build_model(cfg, initial_weights=plan.resume_from is None)
+    log(f"fmdist: parameters: {counts.trainable:,} trainable / {counts.total:,} total")
+    optimizer = build_optimizer(cfg.optimizer, model)
+    transform = BatchTransform.from_config(cfg, runtime.rank, runtime.device)
+    run_fingerprint = fingerprint(
+        cfg, runtime.world_size, runtime.mixed_precision, data_digest(train_split, test_split)
+    )
+    checkpoint = None
+    if plan.resume_from is not None:
+        checkpoint = load_checkpoint(plan.resume_from)
+        check_same_run(checkpoint["fingerprint"], run_fingerprint, plan.resume_from)
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+
+    # Written only now that data, weights and checkpoint are known to be good: a run that
+    # fails on bad input leaves the folder as it found it.
     def write_run_description():
-        folder.write_text(EVAL_CONFIG_FILE if cfg.eval_only else CONFIG_FILE, to_yaml(cfg))
-        if not cfg.eval_only:
-            plots.save_samples_grid(train_split.images, train_split.labels, train_split.classes, folder / SAMPLES_FILE)
+        folder.remove_unfinished_writes()
+        if plan.replaces_earlier_run:
+            store.clear()
+            folder.remove_results()
+        folder.write_text(CONFIG_FILE, to_yaml(cfg))
+        plots.save_samples_grid(train_split.images, train_split.labels, train_split.classes, folder / SAMPLES_FILE)
 
     distributed.run_synced(write_run_description, on_this_rank=main_process)
-    transform = BatchTransform.from_config(cfg, runtime.rank, runtime.device)
 
-    optimizer = build_optimizer(cfg.optimizer, model)
     model, optimizer = accelerator.prepare(model, optimizer)
     bare_model = accelerator.unwrap_model(model)
     dtypes = compute_dtypes(bare_model, transform(test_split.images[:2], train=False), accelerator)
@@ -109,18 +162,59 @@ def run(cfg: TrainConfig) -> list[dict] | dict:
         f"(convolutions compute in {', '.join(sorted(str(d).removeprefix('torch.') for d in dtypes))})"
     )
 
-    if cfg.eval_only:
-        stats = evaluate(bare_model, test_batches, transform, accelerator)
-        log(f"Validation Loss: {stats.loss:.6f}, Accuracy: {stats.accuracy:.6f} ({stats.count} images)")
-        result = {"val_loss": stats.loss, "val_acc": stats.accuracy, "val_count": stats.count}
-        distributed.run_synced(lambda: folder.write_json(EVAL_FILE, result), on_this_rank=main_process)
-        return result
-
     history: list[dict] = []
-    for epoch in range(1, cfg.epochs + 1):
+    start, partial = Position(0), EpochProgress()
+    if checkpoint is not None:
+        if checkpoint.get("scaler") is not None and accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(checkpoint["scaler"])
+        restore_rng(checkpoint["rng"][runtime.rank], transform.generator)
+        history = checkpoint["history"]
+        start = Position(checkpoint["epoch"], checkpoint["step"])
+        if start.step:
+            partial = EpochProgress(step=start.step, **(checkpoint["partial"] if main_process else {}))
+        log(f"fmdist: resuming from {plan.resume_from} ({start.describe()})")
+        checkpoint = None  # the optimizer and model hold their own copies now
+
+    def save_checkpoint(position: Position, progress: EpochProgress | None, periodic: bool, best: bool):
+        rng_states = distributed.gather_objects(capture_rng(transform.generator))
+
+        def write():
+            state = {
+                "format": FORMAT_VERSION,
+                "epoch": position.epoch,
+                "step": position.step,
+                "partial": None
+                if progress is None
+                else {"loss_sum": progress.loss_sum, "images": progress.images, "seconds": progress.seconds},
+                "model": bare_model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": None,
+                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+                "history": history,
+                "rng": rng_states,
+                "fingerprint": run_fingerprint,
+            }
+            return store.save(state, position, periodic=periodic, best=best, keep=cfg.keep_checkpoints)
+
+        return distributed.decide_on_main(write)
+
+    if start.epoch >= cfg.epochs:
+        log(f"fmdist: the run is already complete ({start.epoch} epochs done); writing its final outputs")
+        _write_final_outputs(cfg, folder, bare_model, history)
+        return history
+
+    stop = StopSignals().install()
+    best_accuracy = max((record["val_acc"] for record in history), default=-1.0)
+    for epoch in range(start.epoch + 1, cfg.epochs + 1):
+        progress = partial if epoch == start.epoch + 1 else EpochProgress()
         epoch_start = time.perf_counter()
-        train_batches.sampler.set_epoch(epoch)
-        trained = train_one_epoch(model, train_batches, optimizer, transform, accelerator)
+        train_batches.sampler.set_epoch(epoch, skip_batches=progress.step)
+        trained = train_one_epoch(
+            model, train_batches, optimizer, transform, accelerator, epoch, progress, stop.requested
+        )
+        if isinstance(trained, EpochProgress):
+            path = save_checkpoint(Position(epoch - 1, trained.step), trained, periodic=True, best=False)
+            raise Checkpointed(_stopped_message(stop, f"epoch {epoch}, step {trained.step}", path))
         log(f"Epoch: {epoch} \tTraining Loss: {trained.loss:.6f}")
         validated = evaluate(bare_model, test_batches, transform, accelerator)
         log(f"Epoch: {epoch} \tValidation Loss: {validated.loss:.6f}, Accuracy: {validated.accuracy:.6f}")
@@ -139,13 +233,35 @@ def run(cfg: TrainConfig) -> list[dict] | dict:
         if main_process:
             folder.write_json(HISTORY_FILE, history)
 
-    def save_results():
+        best = validated.accuracy > best_accuracy
+        best_accuracy = max(best_accuracy, validated.accuracy)
+        periodic = epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs
+        stopping = distributed.any_rank_flags([stop.requested()])[0]
+        if periodic or best or stopping:
+            path = save_checkpoint(Position(epoch), None, periodic=periodic or stopping, best=best)
+        if stopping and epoch < cfg.epochs:
+            raise Checkpointed(_stopped_message(stop, f"the end of epoch {epoch}", path))
+
+    _write_final_outputs(cfg, folder, bare_model, history)
+    log(f"fmdist: done: best validation accuracy {best_accuracy:.4f}; results in {folder.path}")
+    return history
+
+
+def _write_final_outputs(cfg, folder: RunFolder, bare_model, history: list[dict]) -> None:
+    def write():
+        folder.write_json(HISTORY_FILE, history)
         folder.save_weights(bare_model.state_dict())
         plots.save_curves(history, folder / CURVES_FILE, title=f"{cfg.regime} {cfg.model.arch}")
 
-    distributed.run_synced(save_results, on_this_rank=main_process)
-    log(f"fmdist: done: best validation accuracy {max(r['val_acc'] for r in history):.4f}; results in {folder.path}")
-    return history
+    distributed.run_synced(write, on_this_rank=distributed.is_main_process())
+
+
+def _stopped_message(stop: StopSignals, where: str, path) -> str:
+    cause = stop.received or "a stop signal on another rank"
+    return (
+        f"stopped by {cause} at {where}; checkpoint {path} saved; "
+        f"run the same command again to resume (exit code {Checkpointed.exit_code})"
+    )
 
 
 if __name__ == "__main__":

@@ -68,8 +68,23 @@ def fetch_weights_file(spec: str, arch: str) -> Path:
 
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     """Read a state dict (also inside {'model': ...} or {'state_dict': ...}), refusing arbitrary pickles."""
+    data = safe_torch_load(path)
+    if isinstance(data, dict):
+        for key in ("model", "state_dict"):
+            if isinstance(data.get(key), dict):
+                data = data[key]
+                break
+    if not isinstance(data, dict) or not data or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise FmdistError(
+            f"{path}: expected a state dict (a mapping of parameter names to tensors), found {type(data).__name__}"
+        )
+    return {k.removeprefix("module."): v for k, v in data.items()}
+
+
+def safe_torch_load(path: Path):
+    """torch.load(weights_only=True) onto the CPU, with a one-line error naming the file for any failure."""
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         if unsupported is None:
@@ -81,16 +96,6 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         detail = str(e).splitlines()[0].split(". ")[0] if str(e) else type(e).__name__
         raise FmdistError(f"{path}: not a readable PyTorch weights file ({detail})") from None
-    if isinstance(data, dict):
-        for key in ("model", "state_dict"):
-            if isinstance(data.get(key), dict):
-                data = data[key]
-                break
-    if not isinstance(data, dict) or not data or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise FmdistError(
-            f"{path}: expected a state dict (a mapping of parameter names to tensors), found {type(data).__name__}"
-        )
-    return {k.removeprefix("module."): v for k, v in data.items()}
 
 
 def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], origin: Path | str, description: str) -> None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -111,3 +113,69 @@ def load_real_sample() -> tuple[np.ndarray, np.ndarray]:
         pytest.skip(f"real FashionMNIST sample not found at {REAL_SAMPLE_CSV} (set FMDIST_REAL_SAMPLE_CSV)")
     table = np.loadtxt(REAL_SAMPLE_CSV, delimiter=",", skiprows=1, dtype=np.int64)
     return table[:, 1:].astype(np.uint8).reshape(-1, 28, 28), table[:, 0]
+
+
+def start(command: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    """A launch in the background; kill_tree ends it with everything it started."""
+    return subprocess.Popen(
+        command, cwd=cwd, env=launch_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+
+
+def finish(process: subprocess.Popen, timeout: int = LAUNCH_TIMEOUT) -> tuple[int, str, str]:
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(process)
+        stdout, stderr = process.communicate()
+        raise AssertionError(f"still running after {timeout} s\n{stdout[-3000:]}\n{stderr[-3000:]}") from None
+    return process.returncode, stdout, stderr
+
+
+def kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL a launch and every process below it (torchrun starts its workers in sessions of their own)."""
+    victims, frontier = [], [process.pid]
+    while frontier:
+        pid = frontier.pop()
+        victims.append(pid)
+        frontier.extend(child_pids(pid))
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = LAUNCH_TIMEOUT) -> None:
+    """Wait until `path` exists; fail at once if the process ends first."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if process.poll() is not None:
+            stdout, stderr = process.communicate()
+            raise AssertionError(
+                f"ended ({process.returncode}) before {path} appeared\n{stdout[-3000:]}\n{stderr[-3000:]}"
+            )
+        if time.monotonic() > deadline:
+            kill_tree(process)
+            raise AssertionError(f"{path} did not appear within {timeout} s")
+        time.sleep(0.05)
+
+
+def child_pids(pid: int) -> list[int]:
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return sorted(children)
+
+
+def comparable(history: list[dict]) -> list[dict]:
+    """A history without its timings, which differ between any two runs."""
+    return [
+        {k: v for k, v in record.items() if k not in ("epoch_seconds", "train_images_per_sec")} for record in history
+    ]

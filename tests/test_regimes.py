@@ -8,7 +8,7 @@ from torch import nn
 from fmdist import distributed
 from fmdist.config import load_config
 from fmdist.data import load_splits, train_loader
-from fmdist.engine import train_one_epoch
+from fmdist.engine import EpochProgress, train_one_epoch
 from fmdist.optim import build_optimizer
 from fmdist.regimes import build_model
 from fmdist.transforms import BatchTransform
@@ -47,7 +47,8 @@ def test_frozen_epoch_changes_conv1_and_fc_only_and_no_batchnorm_statistics(imag
     train_split, _ = load_splits(cfg.data, cfg.model.num_classes)
     transform = BatchTransform.from_config(cfg, rank=0, device=runtime.device)
 
-    train_one_epoch(model, train_loader(train_split, 32, 0, 0), optimizer, transform, runtime.accelerator)
+    loader = train_loader(train_split, 32, 0, 0)
+    train_one_epoch(model, loader, optimizer, transform, runtime.accelerator, 1, EpochProgress(), lambda: False)
 
     after = runtime.accelerator.unwrap_model(model).state_dict()
     trainable = {k for k in after if k.split(".")[0] in ("conv1", "fc")}

@@ -1,0 +1,306 @@
+"""Checkpoints, exact resume, killed workers, preemption signals and divergence, with real processes."""
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from fmdist.checkpoints import CheckpointStore, Position, load_checkpoint
+from fmdist.config import load_config
+from fmdist.outputs import RunFolder
+from fmdist.preemption import EXIT_CHECKPOINTED
+from fmdist.resume import plan_start
+
+from helpers import (
+    CONFIGS,
+    REPO,
+    child_pids,
+    comparable,
+    finish,
+    kill_tree,
+    read_history,
+    start,
+    train,
+    train_command,
+    wait_for,
+)
+
+SMOKE = ("--config", str(CONFIGS / "smoke.yaml"))
+# deterministic kernels and augmentation on: resuming must restore every random state
+EXACT = (*SMOKE, "deterministic=true", "data.augment=true")
+# for tests about files and decisions rather than learning
+SMALL = (*SMOKE, "data.train_size=512", "data.test_size=100")
+
+
+def error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("fmdist: error:")]
+
+
+def assert_same_weights(a, b):
+    first, second = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+
+
+@pytest.mark.parametrize("nproc", [None, 2], ids=["1-process", "2-processes"])
+def test_run_killed_after_an_epoch_resumes_to_the_same_weights_and_history(tmp_path, nproc):
+    args = (*EXACT, "epochs=4")
+    train(tmp_path, *args, f"output_dir={tmp_path / 'whole'}", nproc=nproc)
+
+    interrupted = tmp_path / "interrupted"
+    process = start(train_command(*args, f"output_dir={interrupted}", nproc=nproc), cwd=tmp_path)
+    wait_for(interrupted / "checkpoints" / "epoch-0001.pt", process)
+    kill_tree(process)
+    process.wait()
+    assert not (interrupted / "model.pt").exists(), "the kill came too late to interrupt the run"
+
+    result = train(tmp_path, *args, f"output_dir={interrupted}", nproc=nproc)
+    assert "fmdist: resuming from" in result.stdout
+    assert comparable(read_history(interrupted)) == comparable(read_history(tmp_path / "whole"))
+    assert [r["epoch"] for r in read_history(interrupted)] == [1, 2, 3, 4]
+    assert_same_weights(interrupted / "model.pt", tmp_path / "whole" / "model.pt")
+
+
+def test_sigterm_to_torchrun_checkpoints_mid_epoch_and_the_rerun_finishes_the_same_run(tmp_path):
+    args = (*EXACT, "epochs=5")
+    train(tmp_path, *args, f"output_dir={tmp_path / 'whole'}", nproc=2)
+
+    out = tmp_path / "preempted"
+    launcher = start(train_command(*args, f"output_dir={out}", nproc=2), cwd=tmp_path)
+    wait_for(out / "checkpoints" / "epoch-0001.pt", launcher)
+    launcher.send_signal(signal.SIGTERM)  # torchrun forwards it to both workers
+    returncode, stdout, stderr = finish(launcher)
+    assert returncode != 0
+    stops = [line for line in stdout.splitlines() if "stopped by SIGTERM" in line]
+    assert len(stops) == 1 and f"exit code {EXIT_CHECKPOINTED}" in stops[0], stdout + stderr
+    stop_files = [p.name for p in (out / "checkpoints").glob("epoch-*.pt")]
+    assert any(name in stops[0] for name in stop_files)
+    assert not (out / "model.pt").exists()
+
+    train(tmp_path, *args, f"output_dir={out}", nproc=2)
+    assert [r["epoch"] for r in read_history(out)] == [1, 2, 3, 4, 5]
+    assert comparable(read_history(out)) == comparable(read_history(tmp_path / "whole"))
+    assert_same_weights(out / "model.pt", tmp_path / "whole" / "model.pt")
+
+
+def test_sigusr1_to_a_single_process_exits_75_with_a_checkpoint_and_resumes(tmp_path):
+    out = tmp_path / "run"
+    process = start(train_command(*SMOKE, "epochs=5", f"output_dir={out}"), cwd=tmp_path)
+    wait_for(out / "history.json", process)
+    process.send_signal(signal.SIGUSR1)
+    returncode, stdout, _ = finish(process)
+    assert returncode == EXIT_CHECKPOINTED
+    assert "stopped by SIGUSR1" in stdout
+    train(tmp_path, *SMOKE, "epochs=5", f"output_dir={out}")
+    assert [r["epoch"] for r in read_history(out)] == [1, 2, 3, 4, 5]
+
+
+def test_worker_killed_mid_epoch_is_restarted_by_torchrun_and_every_epoch_appears_once(tmp_path):
+    out = tmp_path / "elastic"
+    command = train_command(*SMOKE, "epochs=4", f"output_dir={out}", nproc=2)
+    command.insert(command.index("-m", 3), "--max-restarts=2")
+    launcher = start(command, cwd=tmp_path)
+    wait_for(out / "checkpoints" / "epoch-0001.pt", launcher)
+    workers = child_pids(launcher.pid)
+    assert len(workers) == 2
+    subprocess.run(["kill", "-9", str(workers[-1])], check=True)
+    returncode, stdout, stderr = finish(launcher)
+    assert returncode == 0, stderr[-3000:]
+    assert "fmdist: resuming from" in stdout
+    history = read_history(out)
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4]
+    assert history[-1]["val_acc"] >= 0.95
+
+
+def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_the_last_checkpoint(tmp_path):
+    out = tmp_path / "diverged"
+    # one step per epoch: epoch 1 trains with finite loss, then the huge step makes epoch 2 non-finite
+    result = train(
+        tmp_path, *SMOKE, "epochs=3", "optimizer.name=sgd", "optimizer.lr=1e30", "optimizer.momentum=0",
+        "data.train_size=128", f"output_dir={out}", nproc=2, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1 and "training loss is nan at epoch 2, step 1" in errors[0], result.stderr[-2000:]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.pt", "epoch-0001.pt"]
+    assert load_checkpoint(out / "checkpoints" / "epoch-0001.pt")["epoch"] == 1
+
+
+def test_unreadable_latest_checkpoint_is_skipped_with_a_warning(tmp_path):
+    out = tmp_path / "run"
+    train(tmp_path, *SMALL, "epochs=2", f"output_dir={out}")
+    latest = out / "checkpoints" / "epoch-0002.pt"
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])
+    result = train(tmp_path, *SMALL, "epochs=3", f"output_dir={out}")
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("fmdist: warning:")]
+    assert len(warnings) == 1
+    assert f"skipping checkpoint {latest}: not a readable PyTorch weights file" in warnings[0]
+    assert "trying epoch-0001.pt" in warnings[0]
+    assert "resuming from" in result.stdout and "epoch-0001.pt (after epoch 1)" in result.stdout
+    assert [r["epoch"] for r in read_history(out)] == [1, 2, 3]
+
+
+def test_resume_from_a_named_checkpoint_into_a_new_folder(tmp_path):
+    train(tmp_path, *SMALL, "epochs=2", f"output_dir={tmp_path / 'a'}")
+    checkpoint = tmp_path / "a" / "checkpoints" / "epoch-0001.pt"
+    result = train(tmp_path, *SMALL, "epochs=2", f"resume={checkpoint}", f"output_dir={tmp_path / 'b'}")
+    assert f"resuming from {checkpoint} (after epoch 1)" in result.stdout
+    assert comparable(read_history(tmp_path / "b")) == comparable(read_history(tmp_path / "a"))
+
+
+def test_a_finished_run_rerun_is_complete_and_can_be_extended(tmp_path):
+    out = tmp_path / "run"
+    train(tmp_path, *SMALL, "epochs=2", f"output_dir={out}")
+    again = train(tmp_path, *SMALL, "epochs=2", f"output_dir={out}")
+    assert "already complete (2 epochs done)" in again.stdout and "Epoch:" not in again.stdout
+    longer = train(tmp_path, *SMALL, "epochs=3", f"output_dir={out}")
+    assert "Epoch: 3 \tTraining Loss" in longer.stdout and "Epoch: 2 \t" not in longer.stdout
+    assert [r["epoch"] for r in read_history(out)] == [1, 2, 3]
+
+
+def test_keeps_the_last_k_checkpoints_and_the_best(tmp_path):
+    out = tmp_path / "run"
+    train(tmp_path, *SMALL, "epochs=4", "keep_checkpoints=2", f"output_dir={out}")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.pt", "epoch-0003.pt", "epoch-0004.pt"]
+    history = read_history(out)
+    best = load_checkpoint(out / "checkpoints" / "best.pt")
+    assert best["history"][-1]["val_acc"] == max(r["val_acc"] for r in history)
+    assert set(best) >= {"model", "optimizer", "scheduler", "scaler", "rng", "fingerprint", "history"}
+
+
+def test_checkpoint_every_n_epochs_and_always_the_last(tmp_path):
+    out = tmp_path / "run"
+    train(tmp_path, *SMALL, "epochs=3", "checkpoint_every=2", "keep_checkpoints=5", f"output_dir={out}")
+    assert sorted(p.name for p in (out / "checkpoints").glob("epoch-*")) == ["epoch-0002.pt", "epoch-0003.pt"]
+
+
+def test_resume_never_refuses_an_earlier_run_and_overwrite_replaces_it(tmp_path):
+    out = tmp_path / "run"
+    train(tmp_path, *SMALL, "epochs=2", f"output_dir={out}")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    refused = train(tmp_path, *SMALL, "epochs=1", "resume=never", f"output_dir={out}", check=False)
+    assert refused.returncode == 2
+    assert error_lines(refused.stderr) == [
+        f"fmdist: error: output_dir {out} already holds a finished run (resume=never); "
+        "choose another output_dir or set overwrite=true"
+    ]
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    train(tmp_path, *SMALL, "epochs=1", "resume=never", "overwrite=true", f"output_dir={out}")
+    assert [r["epoch"] for r in read_history(out)] == [1]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.pt", "epoch-0001.pt"]
+
+
+# ------------------------------------------------------------------------------ start decisions
+
+
+def plan(folder, *overrides, restarted=False):
+    cfg = load_config(CONFIGS / "smoke.yaml", [f"output_dir={folder}", *overrides])
+    return plan_start(cfg, RunFolder(folder), CheckpointStore(folder / "checkpoints"), restarted)
+
+
+def test_plan_start_on_an_empty_folder_and_on_an_interrupted_run_without_checkpoints(tmp_path):
+    assert plan(tmp_path / "new").resume_from is None
+    (tmp_path / "history.json").write_text("[]")
+    started = plan(tmp_path)
+    assert started.resume_from is None and started.replaces_earlier_run
+    assert "interrupted run without checkpoints" in started.notes[0]
+
+
+def test_plan_start_after_an_elastic_restart_resumes_even_with_resume_never(tmp_path):
+    folder = tmp_path / "run"
+    train(tmp_path, *SMALL, "epochs=1", f"output_dir={folder}")
+    restarted = plan(folder, "resume=never", restarted=True)
+    assert restarted.resume_from == folder / "checkpoints" / "epoch-0001.pt"
+
+
+# ------------------------------------------------------------------------------ crash mid-save
+
+SAVER = textwrap.dedent(
+    """
+    import sys, torch
+    from pathlib import Path
+    from fmdist.checkpoints import CheckpointStore, Position
+    store = CheckpointStore(Path(sys.argv[1]))
+    state = {"format": 1, "step": 0, "model": {"w": torch.randn(4_000_000)}, "optimizer": {}, "history": [],
+             "rng": [], "fingerprint": {}}
+    epoch = 0
+    while True:
+        epoch += 1
+        state["epoch"] = epoch
+        store.save(state, Position(epoch), periodic=True, best=epoch % 2 == 0, keep=2)
+        print(epoch, flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("delay", [0.4, 0.9, 1.7])
+def test_a_process_killed_while_saving_never_leaves_a_corrupt_checkpoint(tmp_path, delay):
+    script = tmp_path / "saver.py"
+    script.write_text(SAVER)
+    folder = tmp_path / "checkpoints"
+    process = subprocess.Popen([sys.executable, str(script), str(folder)], cwd=REPO, stdout=subprocess.PIPE)
+    process.stdout.readline()  # at least one checkpoint is complete
+    try:
+        process.wait(timeout=delay)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    process.wait()
+    store = CheckpointStore(folder)
+    assert store.saved(), "no checkpoint survived"
+    for _, path in store.saved():
+        assert load_checkpoint(path)["epoch"] == Position.from_file_name(path.name).epoch
+    if (folder / "best.pt").exists():
+        load_checkpoint(folder / "best.pt")
+    assert store.latest_readable(warn=pytest.fail) is not None
+    RunFolder(tmp_path).remove_unfinished_writes()
+    assert not list(folder.glob(".*.tmp"))
+
+
+def test_interrupted_write_keeps_the_previous_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    from fmdist import outputs
+
+    target = tmp_path / "history.json"
+    outputs.atomic_write(target, b"old")
+
+    def crash(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(outputs.os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        outputs.atomic_write(target, b"new")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["history.json"]
+
+
+# ------------------------------------------------------------------------------ secrets
+
+
+def test_no_secret_from_the_environment_reaches_config_log_or_outputs(tmp_path):
+    secret = "wandb-key-0123456789abcdef0123456789abcdef"
+    out = tmp_path / "run"
+    result = train(
+        tmp_path, *SMALL, "epochs=1", f"output_dir={out}", nproc=2,
+        env={"WANDB_API_KEY": secret, "HF_TOKEN": secret, "AWS_SECRET_ACCESS_KEY": secret},
+    )  # fmt: skip
+    assert secret not in result.stdout + result.stderr
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) >= 6
+    for path in files:
+        assert secret.encode() not in path.read_bytes(), path
+    assert "WANDB" not in json.dumps(load_checkpoint(out / "checkpoints" / "epoch-0001.pt")["fingerprint"])
+
+
+def test_every_checkpoint_and_weights_load_refuses_arbitrary_pickles(tmp_path):
+    out = tmp_path / "run"
+    train(tmp_path, *SMALL, "epochs=1", f"output_dir={out}")
+    evil = out / "checkpoints" / "epoch-0002.pt"
+    torch.save({"format": 1, "payload": shutil.rmtree}, evil)  # a pickle that names a callable
+    result = train(tmp_path, *SMALL, "epochs=2", f"output_dir={out}")
+    assert "refused by torch.load(weights_only=True)" in result.stderr
+    assert "resuming from" in result.stdout and "epoch-0001.pt" in result.stdout
