@@ -23,6 +23,8 @@ COMMAND_LINE = "command line"
 
 
 def _key(default: Any, help: str) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
 
 
@@ -78,6 +80,31 @@ class OptimizerConfig:
 
 
 @dataclass
+class WandbConfig:
+    mode: Literal["auto", "online", "offline", "disabled"] = _key(
+        "auto",
+        "auto: online when W&B credentials exist (WANDB_API_KEY or a netrc entry), otherwise offline "
+        "(upload later with wandb sync); WANDB_MODE in the environment wins",
+    )
+    project: str = _key("fmdist", "W&B project")
+    entity: str | None = _key(None, "W&B entity (team or user); null = your default")
+    name: str | None = _key(None, "run name; null = the output folder's name")
+    group: str | None = _key(None, "groups runs in W&B; fmdist-compare sets it to the comparison's name")
+    tags: list[str] = _key([], "W&B tags (a YAML list, or comma-separated on the command line)")
+
+
+@dataclass
+class CompareConfig:
+    regimes: list[str] = _key(["pretrained", "scratch", "frozen"], "fmdist-compare: the regimes to run, in order")
+    stand_in_weights: bool = _key(
+        False,
+        "fmdist-compare, offline smoke runs: pretrained/frozen start from weights pre-trained on another "
+        "synthetic task in the same command instead of ImageNet (the report says so)",
+    )
+    stand_in_epochs: int = _key(2, "fmdist-compare: epochs of that stand-in pre-training")
+
+
+@dataclass
 class TrainConfig:
     regime: Literal["scratch", "pretrained", "frozen"] = _key(
         "scratch", "scratch (random init), pretrained (fine-tune all) or frozen (train conv1 and fc only)"
@@ -101,9 +128,15 @@ class TrainConfig:
     )
     checkpoint_every: int = _key(1, "save a checkpoint every N epochs (and always after the last)")
     keep_checkpoints: int = _key(3, "how many of the latest checkpoints to keep (best.pt is kept besides)")
+    progress: Literal["auto", "bar", "lines", "off"] = _key(
+        "auto", "training progress on rank 0: a tqdm bar in a terminal, plain lines otherwise (auto), or off"
+    )
+    progress_every: float = _key(30.0, "seconds between progress lines (progress=lines)")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
     # The config file's stem, for the default output_dir; not a key users set.
     name: str = field(default="run", metadata={"internal": True})
 
@@ -126,7 +159,8 @@ def config_keys(cls: type = TrainConfig, prefix: str = "") -> list[KeyInfo]:
         if dataclasses.is_dataclass(hints[f.name]):
             keys.extend(config_keys(hints[f.name], f"{prefix}{f.name}."))
         else:
-            keys.append(KeyInfo(prefix + f.name, hints[f.name], f.default, f.metadata.get("help", "")))
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            keys.append(KeyInfo(prefix + f.name, hints[f.name], default, f.metadata.get("help", "")))
     return keys
 
 
@@ -140,6 +174,8 @@ def type_name(tp: Any) -> str:
     if _is_optional(tp):
         inner = [a for a in get_args(tp) if a is not type(None)]
         return f"{type_name(inner[0])} or null"
+    if get_origin(tp) is list:
+        return "list of strings"
     return {int: "integer", float: "number", bool: "true|false", str: "string"}.get(tp, str(tp))
 
 
@@ -254,6 +290,12 @@ def _coerce(value: Any, tp: Any, key: str, origin: str) -> Any:
         close = difflib.get_close_matches(str(value), choices, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise FmdistError(f"{origin}: key '{key}': expected one of {'|'.join(choices)}, got {value!r}{hint}")
+    if get_origin(tp) is list:
+        if isinstance(value, str):  # the command line's a,b,c
+            value = [item.strip() for item in value.split(",") if item.strip()]
+        if isinstance(value, list) and all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value):
+            return [str(v) for v in value]
+        raise fail("a list of strings")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -312,6 +354,14 @@ def validate(cfg: TrainConfig, origins: dict[str, str] | None = None) -> None:
     if cfg.data.source == "csv":
         require(cfg.data.train_csv is not None, "data.train_csv", "a CSV path when data.source is csv")
         require(cfg.data.test_csv is not None, "data.test_csv", "a CSV path when data.source is csv")
+    require(cfg.progress_every > 0, "progress_every", "a positive number of seconds")
+    require(
+        bool(cfg.compare.regimes) and set(cfg.compare.regimes) <= {"scratch", "pretrained", "frozen"},
+        "compare.regimes",
+        "a list drawn from pretrained, scratch, frozen",
+    )
+    require(len(set(cfg.compare.regimes)) == len(cfg.compare.regimes), "compare.regimes", "no regime twice")
+    require(cfg.compare.stand_in_epochs >= 1, "compare.stand_in_epochs", "at least 1")
     require(math.isfinite(cfg.optimizer.lr) and cfg.optimizer.lr > 0, "optimizer.lr", "a positive number")
     require(cfg.optimizer.weight_decay >= 0, "optimizer.weight_decay", "0 or more")
     require(0 <= cfg.optimizer.momentum < 1, "optimizer.momentum", "a value in [0, 1)")

@@ -26,6 +26,7 @@ class EvalStats:
     loss: float
     accuracy: float
     count: int  # images evaluated over all ranks: exactly the test set size
+    confusion: list[list[int]]  # [true class][predicted class] -> images
 
 
 @dataclass
@@ -52,6 +53,7 @@ def train_one_epoch(
     epoch: int,
     progress: EpochProgress,
     stop_requested: Callable[[], bool],
+    on_step: Callable[[int, torch.Tensor], None] = lambda step, loss: None,
 ) -> TrainStats | EpochProgress:
     """Train until the loader is exhausted (TrainStats) or a stop is requested (the EpochProgress to save).
 
@@ -83,6 +85,7 @@ def train_one_epoch(
             )
         loss_sum += loss.detach().double() * len(labels)
         images_seen += len(labels)
+        on_step(step, loss)
         if stopped:
             break
     seconds = progress.seconds + time.perf_counter() - start
@@ -93,7 +96,7 @@ def train_one_epoch(
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader, transform, accelerator) -> EvalStats:
+def evaluate(model: nn.Module, loader, transform, accelerator, num_classes: int) -> EvalStats:
     """Loss and accuracy over exactly the images the loader's shards hold, summed over ranks.
 
     `model` must be the unwrapped module: a DDP wrapper may synchronise buffers in forward,
@@ -101,20 +104,22 @@ def evaluate(model: nn.Module, loader, transform, accelerator) -> EvalStats:
     """
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    correct = torch.zeros((), dtype=torch.int64, device=accelerator.device)
-    count = 0
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=accelerator.device)
     for images, labels in loader:
         inputs = transform(images, train=False)
         labels = labels.to(accelerator.device, non_blocking=True)
         with accelerator.autocast():
             logits = model(inputs)
         loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").double()
-        correct += (logits.argmax(dim=1) == labels).sum()
-        count += len(labels)
-    total_loss, total_correct, total_count = distributed.all_reduce_sum([loss_sum.item(), correct.item(), count])
-    total_count = int(total_count)
+        confusion += torch.bincount(labels * num_classes + logits.argmax(dim=1), minlength=num_classes**2)
+    total_loss, *counts = distributed.all_reduce_sum([loss_sum.item(), *confusion.tolist()])
+    matrix = torch.tensor(counts, dtype=torch.int64).reshape(num_classes, num_classes)
+    total = int(matrix.sum())
     return EvalStats(
-        loss=total_loss / max(total_count, 1), accuracy=total_correct / max(total_count, 1), count=total_count
+        loss=total_loss / max(total, 1),
+        accuracy=int(matrix.trace()) / max(total, 1),
+        count=total,
+        confusion=matrix.tolist(),
     )
 
 

@@ -20,6 +20,8 @@ EVAL_CONFIG_FILE = "eval_config.yaml"
 CHECKPOINT_DIR = "checkpoints"
 SAMPLES_FILE = "samples.png"
 CURVES_FILE = "curves.png"
+CONFUSION_FILE = "confusion.png"
+SUMMARY_FILE = "summary.json"
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -72,7 +74,7 @@ class RunFolder:
 
     def remove_results(self) -> None:
         """Delete an earlier run's results before a fresh run replaces them (overwrite=true)."""
-        for name in (HISTORY_FILE, WEIGHTS_FILE, CURVES_FILE):
+        for name in (HISTORY_FILE, WEIGHTS_FILE, CURVES_FILE, CONFUSION_FILE, SUMMARY_FILE):
             (self.path / name).unlink(missing_ok=True)
 
     def write_text(self, name: str, text: str) -> None:

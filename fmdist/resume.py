@@ -20,9 +20,10 @@ from fmdist.outputs import HISTORY_FILE, WEIGHTS_FILE, RunFolder
 
 NOT_FINGERPRINTED = {
     "epochs", "eval_batch_size", "cpu", "deterministic", "eval_only", "output_dir", "overwrite", "resume",
-    "checkpoint_every", "keep_checkpoints", "data.root", "data.download", "data.train_csv", "data.test_csv",
-    "data.num_workers",
+    "checkpoint_every", "keep_checkpoints", "progress", "progress_every", "data.root", "data.download",
+    "data.train_csv", "data.test_csv", "data.num_workers",
 }  # fmt: skip
+NOT_FINGERPRINTED_SECTIONS = ("wandb.", "compare.")
 
 
 def data_digest(*splits) -> str:
@@ -37,7 +38,7 @@ def data_digest(*splits) -> str:
 def fingerprint(cfg, world_size: int, mixed_precision: str, digest: str) -> dict[str, str]:
     values = {}
     for info in config_keys():
-        if info.key not in NOT_FINGERPRINTED:
+        if info.key not in NOT_FINGERPRINTED and not info.key.startswith(NOT_FINGERPRINTED_SECTIONS):
             section, _, leaf = info.key.rpartition(".")
             values[info.key] = repr(getattr(getattr(cfg, section) if section else cfg, leaf))
     values["world size"] = str(world_size)

@@ -27,16 +27,21 @@ from fmdist.optim import build_optimizer
 from fmdist.outputs import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
+    CONFUSION_FILE,
     CURVES_FILE,
     EVAL_CONFIG_FILE,
     EVAL_FILE,
     HISTORY_FILE,
     SAMPLES_FILE,
+    SUMMARY_FILE,
     RunFolder,
 )
 from fmdist.preemption import Checkpointed, StopSignals
+from fmdist.progress import make_progress
 from fmdist.regimes import build_model
+from fmdist.report import TRACKED_SUMMARY_KEYS, run_summary
 from fmdist.resume import check_same_run, data_digest, fingerprint, plan_start
+from fmdist.tracking import Tracker
 from fmdist.transforms import BatchTransform
 
 log = distributed.main_print
@@ -106,7 +111,7 @@ def _evaluate_only(cfg, runtime, folder: RunFolder, test_split, test_batches) ->
     model = runtime.accelerator.prepare(model)
     bare_model = runtime.accelerator.unwrap_model(model)
     transform = BatchTransform.from_config(cfg, runtime.rank, runtime.device)
-    stats = evaluate(bare_model, test_batches, transform, runtime.accelerator)
+    stats = evaluate(bare_model, test_batches, transform, runtime.accelerator, cfg.model.num_classes)
     log(f"Validation Loss: {stats.loss:.6f}, Accuracy: {stats.accuracy:.6f} ({stats.count} images)")
     result = {"val_loss": stats.loss, "val_acc": stats.accuracy, "val_count": stats.count}
 
@@ -198,25 +203,31 @@ def _train(cfg, runtime, folder: RunFolder, train_split, test_split, test_batche
 
         return distributed.decide_on_main(write)
 
+    num_classes = cfg.model.num_classes
     if start.epoch >= cfg.epochs:
         log(f"fmdist: the run is already complete ({start.epoch} epochs done); writing its final outputs")
-        _write_final_outputs(cfg, folder, bare_model, history)
+        final = evaluate(bare_model, test_batches, transform, accelerator, num_classes)
+        _write_final_outputs(cfg, runtime, folder, bare_model, history, final, counts, test_split.classes, Tracker())
         return history
 
+    tracker = distributed.run_synced(lambda: Tracker.start(cfg, folder.path), on_this_rank=main_process) or Tracker()
+    display = make_progress(cfg.progress, cfg.progress_every, cfg.epochs, cfg.batch_size * runtime.world_size)
     stop = StopSignals().install()
     best_accuracy = max((record["val_acc"] for record in history), default=-1.0)
     for epoch in range(start.epoch + 1, cfg.epochs + 1):
         progress = partial if epoch == start.epoch + 1 else EpochProgress()
         epoch_start = time.perf_counter()
         train_batches.sampler.set_epoch(epoch, skip_batches=progress.step)
+        display.start_epoch(epoch, progress.step, progress.step + len(train_batches))
         trained = train_one_epoch(
-            model, train_batches, optimizer, transform, accelerator, epoch, progress, stop.requested
+            model, train_batches, optimizer, transform, accelerator, epoch, progress, stop.requested, display.step
         )
+        display.end_epoch()
         if isinstance(trained, EpochProgress):
             path = save_checkpoint(Position(epoch - 1, trained.step), trained, periodic=True, best=False)
             raise Checkpointed(_stopped_message(stop, f"epoch {epoch}, step {trained.step}", path))
         log(f"Epoch: {epoch} \tTraining Loss: {trained.loss:.6f}")
-        validated = evaluate(bare_model, test_batches, transform, accelerator)
+        validated = evaluate(bare_model, test_batches, transform, accelerator, num_classes)
         log(f"Epoch: {epoch} \tValidation Loss: {validated.loss:.6f}, Accuracy: {validated.accuracy:.6f}")
         history.append(
             {
@@ -232,6 +243,7 @@ def _train(cfg, runtime, folder: RunFolder, train_split, test_split, test_batche
         )
         if main_process:
             folder.write_json(HISTORY_FILE, history)
+        tracker.log_epoch(history[-1])
 
         best = validated.accuracy > best_accuracy
         best_accuracy = max(best_accuracy, validated.accuracy)
@@ -242,16 +254,28 @@ def _train(cfg, runtime, folder: RunFolder, train_split, test_split, test_batche
         if stopping and epoch < cfg.epochs:
             raise Checkpointed(_stopped_message(stop, f"the end of epoch {epoch}", path))
 
-    _write_final_outputs(cfg, folder, bare_model, history)
+    _write_final_outputs(cfg, runtime, folder, bare_model, history, validated, counts, test_split.classes, tracker)
     log(f"fmdist: done: best validation accuracy {best_accuracy:.4f}; results in {folder.path}")
     return history
 
 
-def _write_final_outputs(cfg, folder: RunFolder, bare_model, history: list[dict]) -> None:
+def _write_final_outputs(cfg, runtime, folder: RunFolder, bare_model, history, final, counts, classes, tracker):
+    """model.pt, curves.png, confusion.png and summary.json; then the W&B run's images and summary."""
+    summary = run_summary(cfg, runtime.world_size, counts, history, final.confusion, classes)
+
     def write():
         folder.write_json(HISTORY_FILE, history)
         folder.save_weights(bare_model.state_dict())
-        plots.save_curves(history, folder / CURVES_FILE, title=f"{cfg.regime} {cfg.model.arch}")
+        title = f"{cfg.regime} {cfg.model.arch}"
+        plots.save_curves(history, folder / CURVES_FILE, title=title)
+        plots.save_confusion(final.confusion, classes, folder / CONFUSION_FILE, title=f"{title}, final epoch")
+        folder.write_json(SUMMARY_FILE, summary)
+        images = {
+            "curves": folder / CURVES_FILE,
+            "confusion": folder / CONFUSION_FILE,
+            "samples": folder / SAMPLES_FILE,
+        }
+        tracker.finish({k: summary[k] for k in TRACKED_SUMMARY_KEYS}, images, step=history[-1]["epoch"])
 
     distributed.run_synced(write, on_this_rank=distributed.is_main_process())
 

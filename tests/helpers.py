@@ -40,7 +40,12 @@ def launch_env(extra: dict | None = None) -> dict:
     env.update(OFFLINE_ENV)
     env.pop("NO_PROXY", None)
     env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra or {})
+    env["WANDB_MODE"] = "disabled"  # the W&B tests turn it back on
+    for key, value in (extra or {}).items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
     return env
 
 
@@ -179,3 +184,44 @@ def comparable(history: list[dict]) -> list[dict]:
     return [
         {k: v for k, v in record.items() if k not in ("epoch_seconds", "train_images_per_sec")} for record in history
     ]
+
+
+def read_wandb_run(run_file: Path) -> dict:
+    """The records of an offline W&B run (its run-<id>.wandb file): run metadata, history rows, summary.
+
+    The file is a LevelDB-style log: a 7-byte header (":W&B", magic 0xBEE1, version 0), then 32 KiB
+    blocks of records, each a 7-byte header (CRC32, little-endian length, type: 1 full, 2 first,
+    3 middle, 4 last) and a protobuf wandb.proto.Record.
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    data = run_file.read_bytes()
+    assert data[:4] == b":W&B", f"{run_file} is not a W&B run file"
+    block, position, pieces, payloads = 32768, 7, b"", []
+    while position + 7 <= len(data):
+        if block - position % block < 7:  # the rest of a block too small for a header is padding
+            position += block - position % block
+            continue
+        length, kind = struct.unpack("<HB", data[position + 4 : position + 7])
+        chunk = data[position + 7 : position + 7 + length]
+        position += 7 + length
+        if kind == 0 and length == 0:
+            break
+        pieces = chunk if kind in (1, 2) else pieces + chunk
+        if kind in (1, 4):
+            payloads.append(pieces)
+    result = {"run": None, "history": [], "summary": {}}
+    for payload in payloads:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(payload)
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            result["run"] = record.run
+        elif kind == "history":
+            result["history"].append(
+                {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            )
+        elif kind == "summary":
+            for item in record.summary.update:
+                result["summary"][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return result

@@ -1,0 +1,171 @@
+"""fmdist-compare and fmdist-report: three regimes, one report, derived from the runs' numbers."""
+
+import json
+import re
+import sys
+
+import pytest
+
+from fmdist.report import RunResult, analysis, overfitting_sentence
+
+from helpers import CONFIGS, REPO, read_history, run_command
+
+REGIMES = ["pretrained", "scratch", "frozen"]
+
+
+def compare_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fmdist.compare", "--config", str(CONFIGS / "smoke.yaml"), *args]
+
+
+@pytest.fixture(scope="module")
+def smoke_comparison(tmp_path_factory):
+    """The README's offline demo, as users run it: one command, three regimes, one report."""
+    out = tmp_path_factory.mktemp("compare") / "smoke"
+    result = run_command(compare_command("--output-dir", str(out)), cwd=REPO, timeout=600)
+    return out, result
+
+
+def table_rows(report: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in report.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells and cells[0] in REGIMES and len(cells) == 9:
+            rows[cells[0]] = cells
+    return rows
+
+
+def test_smoke_comparison_trains_three_regimes_and_writes_the_report(smoke_comparison):
+    out, result = smoke_comparison
+    assert f"report written to {out / 'report.md'}" in result.stdout
+    report = (out / "report.md").read_text()
+    for figure in ("accuracy.png", "loss.png", "confusion.png", "per_class.png"):
+        assert (out / figure).stat().st_size > 10_000 and f"({figure})" in report
+    rows = table_rows(report)
+    assert list(rows) == REGIMES
+    for regime in REGIMES:
+        history = read_history(out / regime)
+        summary = json.loads((out / regime / "summary.json").read_text())
+        best = max(history, key=lambda r: r["val_acc"])
+        assert rows[regime][1] == f"{100 * best['val_acc']:.2f}% ({best['epoch']})"
+        assert rows[regime][2] == f"{100 * history[-1]['val_acc']:.2f}%"
+        assert rows[regime][6] == f"{summary['trainable_params']:,} / {summary['total_params']:,}"
+        assert summary["regime"] == regime and len(summary["confusion"]) == 10
+        assert sum(map(sum, summary["confusion"])) == history[-1]["val_count"]
+    assert rows["frozen"][6].split(" / ")[0] != rows["scratch"][6].split(" / ")[0]
+
+
+def test_smoke_comparison_is_labelled_and_pretrained_regimes_use_the_stand_in(smoke_comparison):
+    out, _ = smoke_comparison
+    report = (out / "report.md").read_text()
+    assert "Smoke run: pretrained and frozen start from stand-in weights" in report and "not from ImageNet" in report
+    stand_in = out / "stand-in-pretraining" / "model.pt"
+    assert stand_in.is_file()
+    for regime in ("pretrained", "frozen"):
+        assert json.loads((out / regime / "summary.json").read_text())["weights"] == str(stand_in)
+    stand_in_config = (out / "stand-in-pretraining" / "config.yaml").read_text()
+    assert "synthetic_seed: 1" in stand_in_config  # another task than the comparison's (seed 0)
+
+
+def test_the_analysis_names_the_winner_from_the_numbers(smoke_comparison):
+    out, _ = smoke_comparison
+    summaries = {r: json.loads((out / r / "summary.json").read_text()) for r in REGIMES}
+    winner = max(REGIMES, key=lambda r: summaries[r]["best_val_acc"])
+    report = (out / "report.md").read_text()
+    assert (
+        f"- **{winner}** reached the best validation accuracy, {100 * summaries[winner]['best_val_acc']:.1f}%" in report
+    )
+    for regime in REGIMES:
+        assert re.search(rf"- \*\*{regime}\*\* (started to overfit|shows no overfitting|levelled off)", report)
+
+
+def test_per_class_accuracy_uses_the_class_names(smoke_comparison):
+    out, _ = smoke_comparison
+    report = (out / "report.md").read_text()
+    summary = json.loads((out / "scratch" / "summary.json").read_text())
+    for name, accuracy in zip(summary["classes"], summary["per_class_accuracy"], strict=True):
+        assert f"| {name} | " in report and f"{100 * accuracy:.1f}%" in report
+
+
+def test_rerunning_the_comparison_resumes_instead_of_retraining(smoke_comparison):
+    out, _ = smoke_comparison
+    before = {r: (out / r / "model.pt").read_bytes() for r in REGIMES}
+    result = run_command(compare_command("--output-dir", str(out)), cwd=REPO, timeout=600)
+    assert result.stdout.count("already complete") == 4  # the stand-in and the three regimes
+    assert "Epoch:" not in result.stdout
+    assert {r: (out / r / "model.pt").read_bytes() for r in REGIMES} == before
+
+
+def test_fmdist_report_rebuilds_the_report_from_folders_and_names_unfinished_ones(smoke_comparison, tmp_path):
+    out, _ = smoke_comparison
+    unfinished = tmp_path / "crashed-run"
+    unfinished.mkdir()
+    (unfinished / "config.yaml").write_text("regime: scratch\n")
+    result = run_command(
+        [sys.executable, "-m", "fmdist.report", *(str(out / r) for r in REGIMES), str(unfinished),
+         "--output", str(tmp_path / "again"), "--title", "Rebuilt"], cwd=REPO)  # fmt: skip
+    report = (tmp_path / "again" / "report.md").read_text()
+    assert report.startswith("# Rebuilt")
+    assert table_rows(report) == table_rows((out / "report.md").read_text())
+    assert f"Not in this report: {unfinished}: no history.json; the run did not finish." in report
+    assert "report written to" in result.stdout
+
+
+def test_comparison_with_two_processes_per_regime_runs_torchrun_jobs(tmp_path):
+    out = tmp_path / "ddp"
+    run_command(compare_command("--nproc", "2", "--output-dir", str(out), "epochs=1", "compare.stand_in_epochs=1",
+                                "data.train_size=512", "data.test_size=101", "compare.regimes=[scratch,frozen]"),
+                cwd=REPO, timeout=600)  # fmt: skip
+    for regime in ("scratch", "frozen"):
+        summary = json.loads((out / regime / "summary.json").read_text())
+        assert summary["world_size"] == 2 and summary["global_batch_size"] == 128
+        assert read_history(out / regime)[0]["val_count"] == 101
+    assert list(table_rows((out / "report.md").read_text())) == ["scratch", "frozen"]
+
+
+# ------------------------------------------------------------------------------ analysis rules
+
+
+def run_result(name, train_losses, val_losses, accuracies):
+    history = [
+        {"epoch": e, "train_loss": t, "val_loss": v, "val_acc": a}
+        for e, (t, v, a) in enumerate(zip(train_losses, val_losses, accuracies, strict=True), start=1)
+    ]
+    lowest = min(history, key=lambda r: r["val_loss"])
+    best = max(history, key=lambda r: r["val_acc"])
+    summary = {
+        "best_val_acc": best["val_acc"], "best_epoch": best["epoch"], "final_val_acc": history[-1]["val_acc"],
+        "epochs": len(history), "final_train_loss": history[-1]["train_loss"], "final_val_loss": history[-1]["val_loss"],
+        "min_val_loss": lowest["val_loss"], "min_val_loss_epoch": lowest["epoch"],
+        "overfitting_gap": history[-1]["val_loss"] - lowest["val_loss"],
+    }  # fmt: skip
+    return RunResult(name, None, {}, history, summary)
+
+
+def test_overfitting_is_dated_from_the_validation_minimum_while_training_loss_falls():
+    run = run_result("scratch", [0.9, 0.5, 0.3, 0.2, 0.1, 0.05], [0.6, 0.4, 0.3, 0.28, 0.35, 0.45],
+                     [0.80, 0.85, 0.88, 0.89, 0.89, 0.88])  # fmt: skip
+    assert overfitting_sentence(run) == (
+        "**scratch** started to overfit after epoch 4: validation loss rose from 0.2800 to 0.4500 by epoch 6 "
+        "while training loss fell from 0.2000 to 0.0500."
+    )
+
+
+def test_no_overfitting_when_validation_loss_is_lowest_at_the_end_or_barely_above():
+    falling = run_result("frozen", [1.0, 0.8, 0.7], [0.9, 0.8, 0.75], [0.6, 0.7, 0.72])
+    assert "shows no overfitting" in overfitting_sentence(falling)
+    flat = run_result("pretrained", [0.5, 0.3, 0.2], [0.40, 0.300, 0.305], [0.8, 0.9, 0.9])
+    assert "levelled off" in overfitting_sentence(flat)
+
+
+def test_analysis_ranks_regimes_and_flags_a_final_epoch_below_the_best():
+    runs = [
+        run_result("frozen", [1.0, 0.9], [0.9, 0.85], [0.70, 0.81]),
+        run_result("pretrained", [0.5, 0.2], [0.3, 0.35], [0.913, 0.90]),
+        run_result("scratch", [0.6, 0.3], [0.4, 0.3], [0.85, 0.909]),
+    ]
+    lines = analysis(runs)
+    assert lines[0] == (
+        "**pretrained** reached the best validation accuracy, 91.3% at epoch 1, 0.4 points above scratch (90.9%), "
+        "10.3 points above frozen (81.0%)."
+    )
+    assert any(line.startswith("**pretrained** ended 1.3 points below its best") for line in lines)
