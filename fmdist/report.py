@@ -218,10 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", type=Path, metavar="DIR", help="run folders (output_dir of each run)")
     parser.add_argument("--output", type=Path, help="report folder (default: the runs' common parent folder)")
     parser.add_argument("--title", default="fmdist comparison", help="the report's heading")
+    parser.add_argument("--note", action="append", default=[], help="a line under the heading (repeatable)")
     args = parser.parse_args(argv)
     out_dir = args.output or Path(*_common_parent([r.resolve() for r in args.runs]))
     try:
-        path = report_folders(args.runs, out_dir, args.title)
+        path = report_folders(args.runs, out_dir, args.title, args.note)
     except FmdistError as e:
         print(f"fmdist: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -169,3 +169,28 @@ def test_analysis_ranks_regimes_and_flags_a_final_epoch_below_the_best():
         "10.3 points above frozen (81.0%)."
     )
     assert any(line.startswith("**pretrained** ended 1.3 points below its best") for line in lines)
+
+
+def test_plan_writes_the_runs_as_tab_separated_trainer_arguments_and_trains_nothing(tmp_path):
+    out = tmp_path / "planned"
+    result = run_command(compare_command("--output-dir", str(out), "--plan", "epochs=2", "model.width=8"), cwd=REPO)
+    assert f"plan written to {out / 'plan'} (regimes: pretrained scratch frozen)" in result.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["plan"]
+
+    def lines(name):
+        return [line.split("\t") for line in (out / "plan" / name).read_text().splitlines()]
+
+    (stand_in,) = lines("stand-in.plan")
+    assert stand_in[:2] == ["--config", str(CONFIGS / "smoke.yaml")]
+    assert {"regime=scratch", "data.synthetic_seed=1", "epochs=2", f"output_dir={out / 'stand-in-pretraining'}"} <= set(
+        stand_in
+    )
+    weights = f"model.weights={out / 'stand-in-pretraining' / 'model.pt'}"
+    regimes = lines("regimes.plan")
+    assert [next(a for a in args if a.startswith("regime=")) for args in regimes] == [f"regime={r}" for r in REGIMES]
+    for regime, args in zip(REGIMES, regimes, strict=True):
+        assert {"epochs=2", "model.width=8", f"output_dir={out / regime}", "wandb.group=planned"} <= set(args)
+        assert (weights in args) == (regime != "scratch")
+    (report,) = lines("report.plan")
+    assert report[:5] == [str(out / r) for r in REGIMES] + ["--output", str(out)]
+    assert report[report.index("--note") + 1].startswith("Smoke run: pretrained and frozen start from stand-in")
