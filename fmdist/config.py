@@ -68,7 +68,13 @@ class DataConfig:
     mean: float = _key(0.2860, "normalisation mean of the pixel values scaled to 0..1 (FashionMNIST's)")
     std: float = _key(0.3530, "normalisation standard deviation (FashionMNIST's)")
     augment: bool = _key(False, "random crop (padding 2) and horizontal flip on training batches")
-    num_workers: int = _key(0, "DataLoader worker processes per rank")
+    loader: Literal["device", "dataloader"] = _key(
+        "device",
+        "device: the whole split held on the training device, batches cut by indexing it; "
+        "dataloader: a torch DataLoader (workers, pinned memory) for data that does not fit",
+    )
+    num_workers: int = _key(0, "dataloader loader: worker processes per rank")
+    pin_memory: bool = _key(True, "dataloader loader on a GPU: page-locked batches for faster copies")
 
 
 @dataclass
@@ -112,9 +118,14 @@ class TrainConfig:
     epochs: int = _key(20, "training epochs")
     batch_size: int = _key(256, "training batch size per process (global batch = batch_size x world size)")
     eval_batch_size: int = _key(512, "evaluation batch size per process")
-    mixed_precision: Literal["no", "fp16", "bf16"] = _key(
-        "no", "autocast precision; fp16 needs a CUDA GPU (falls back to bf16 on CPU)"
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = _key(
+        "auto",
+        "autocast precision; auto: bf16 on GPUs that support it (else fp16) and on CPUs with bf16 units "
+        "(AMX, AVX512-BF16), no elsewhere (emulated bf16 is slower than fp32); fp16 needs a CUDA GPU "
+        "(falls back to bf16 on CPU)",
     )
+    channels_last: bool = _key(True, "model and batches in channels-last memory format (faster convolutions)")
+    compile: bool = _key(False, "torch.compile the model (minutes of compiling first; pays off on GPUs)")
     seed: int = _key(0, "seed of initialisation, data order and augmentation")
     deterministic: bool = _key(False, "use deterministic algorithms only (bit-reproducible runs; slower on GPU)")
     cpu: bool = _key(False, "run on the CPU even when a GPU is present")
@@ -285,6 +296,9 @@ def _coerce(value: Any, tp: Any, key: str, origin: str) -> Any:
         return _coerce(value, inner, key, origin)
     if get_origin(tp) is Literal:
         choices = get_args(tp)
+        if isinstance(value, bool):  # YAML 1.1 reads unquoted no/off (yes/on) as booleans
+            spellings = ("yes", "on", "true") if value else ("no", "off", "false")
+            value = next((choice for choice in spellings if choice in choices), value)
         if isinstance(value, str) and value.lower() in choices:
             return value.lower()
         close = difflib.get_close_matches(str(value), choices, n=1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import os
 import random
+import resource
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -157,6 +158,10 @@ class Runtime:
 
 def resolve_mixed_precision(requested: str, device_type: str) -> str:
     """The precision that can actually run here; warn once about any fallback."""
+    if requested == "auto":
+        if device_type != "cuda":
+            return "bf16" if cpu_has_bf16_units() else "no"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if requested == "fp16" and device_type != "cuda":
         warn("mixed_precision=fp16 needs a CUDA GPU (CPU autocast has no fp16 with loss scaling); using bf16")
         return "bf16"
@@ -164,6 +169,18 @@ def resolve_mixed_precision(requested: str, device_type: str) -> str:
         warn("this GPU has no bf16 support; using mixed_precision=fp16")
         return "fp16"
     return requested
+
+
+def cpu_has_bf16_units() -> bool:
+    """Whether this CPU computes bf16 natively (AMX or AVX512-BF16); elsewhere bf16 autocast is
+    emulated and runs several times slower than fp32 (ResNet-18 at 28x28 on an AVX2-only CPU: 36
+    against 329 images/s)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -203,8 +220,13 @@ def setup(cfg) -> Runtime:
     precision = resolve_mixed_precision(cfg.mixed_precision, "cpu" if use_cpu else "cuda")
     if world_size() > 1 and "MASTER_ADDR" in os.environ and not _initialized():
         _init_process_group("gloo" if use_cpu else "nccl", timeout=datetime.timedelta(minutes=10))
-    accelerator = Accelerator(mixed_precision=precision, cpu=use_cpu)
+    accelerator = Accelerator(
+        mixed_precision=precision, cpu=use_cpu, dynamo_backend="inductor" if cfg.compile else "no"
+    )
     seed_everything(cfg.seed, cfg.deterministic)
+    if not use_cpu:
+        # Fixed input shapes: let cuDNN time its algorithms once and keep the fastest.
+        torch.backends.cudnn.benchmark = not cfg.deterministic
     return Runtime(
         accelerator=accelerator,
         device=accelerator.device,
@@ -212,6 +234,14 @@ def setup(cfg) -> Runtime:
         world_size=accelerator.num_processes,
         rank=accelerator.process_index,
     )
+
+
+def peak_memory_mb(device: torch.device) -> dict[str, float]:
+    """This process's peak resident memory, and the peak GPU memory allocated on its device."""
+    peak = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # ru_maxrss is in KiB
+    if device.type == "cuda":
+        peak["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return peak
 
 
 def shutdown() -> None:

@@ -21,7 +21,8 @@ from fmdist.outputs import HISTORY_FILE, WEIGHTS_FILE, RunFolder
 NOT_FINGERPRINTED = {
     "epochs", "eval_batch_size", "cpu", "deterministic", "eval_only", "output_dir", "overwrite", "resume",
     "checkpoint_every", "keep_checkpoints", "progress", "progress_every", "data.root", "data.download",
-    "data.train_csv", "data.test_csv", "data.num_workers",
+    "data.train_csv", "data.test_csv", "data.loader", "data.num_workers", "data.pin_memory", "mixed_precision",
+    "channels_last", "compile",
 }  # fmt: skip
 NOT_FINGERPRINTED_SECTIONS = ("wandb.", "compare.")
 

@@ -10,6 +10,8 @@ import argparse
 import sys
 import time
 
+import torch
+
 from fmdist import distributed, plots
 from fmdist.checkpoints import (
     FORMAT_VERSION,
@@ -97,10 +99,15 @@ def run(cfg: TrainConfig) -> list[dict] | dict:
         f"fmdist: data {cfg.data.source}: {len(train_split)} training images from {train_split.origin}, "
         f"{len(test_split)} test images from {test_split.origin}"
     )
-    test_batches = eval_loader(test_split, cfg.eval_batch_size, cfg.data.num_workers)
+    test_batches = eval_loader(test_split, cfg.eval_batch_size, cfg.data, runtime.device)
     if cfg.eval_only:
         return _evaluate_only(cfg, runtime, folder, test_split, test_batches)
     return _train(cfg, runtime, folder, train_split, test_split, test_batches)
+
+
+def in_memory_format(model, cfg):
+    """The model in the memory format its batches come in (channels-last convolutions are faster)."""
+    return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
 
 
 def _evaluate_only(cfg, runtime, folder: RunFolder, test_split, test_batches) -> dict:
@@ -108,8 +115,8 @@ def _evaluate_only(cfg, runtime, folder: RunFolder, test_split, test_batches) ->
         raise FmdistError(f"output_dir {folder.path} already holds {EVAL_FILE}; set overwrite=true to replace it")
     model, counts = build_model(cfg)
     log(f"fmdist: parameters: {counts.trainable:,} trainable / {counts.total:,} total")
-    model = runtime.accelerator.prepare(model)
-    bare_model = runtime.accelerator.unwrap_model(model)
+    model = runtime.accelerator.prepare(in_memory_format(model, cfg))
+    bare_model = runtime.accelerator.unwrap_model(model, keep_torch_compile=False)
     transform = BatchTransform.from_config(cfg, runtime.rank, runtime.device)
     stats = evaluate(bare_model, test_batches, transform, runtime.accelerator, cfg.model.num_classes)
     log(f"Validation Loss: {stats.loss:.6f}, Accuracy: {stats.accuracy:.6f} ({stats.count} images)")
@@ -126,7 +133,7 @@ def _evaluate_only(cfg, runtime, folder: RunFolder, test_split, test_batches) ->
 def _train(cfg, runtime, folder: RunFolder, train_split, test_split, test_batches) -> list[dict]:
     accelerator = runtime.accelerator
     main_process = distributed.is_main_process()
-    train_batches = train_loader(train_split, cfg.batch_size, cfg.seed, cfg.data.num_workers)
+    train_batches = train_loader(train_split, cfg.batch_size, cfg.seed, cfg.data, runtime.device)
     store = CheckpointStore(folder / CHECKPOINT_DIR)
     restarted = distributed.restart_count() > 0
     plan = distributed.decide_on_main(lambda: plan_start(cfg, folder, store, restarted))
@@ -134,6 +141,7 @@ def _train(cfg, runtime, folder: RunFolder, train_split, test_split, test_batche
         distributed.warn(note)
 
     model, counts = build_model(cfg, initial_weights=plan.resume_from is None)
+    model = in_memory_format(model, cfg)
     log(f"fmdist: parameters: {counts.trainable:,} trainable / {counts.total:,} total")
     optimizer = build_optimizer(cfg.optimizer, model)
     transform = BatchTransform.from_config(cfg, runtime.rank, runtime.device)
@@ -160,11 +168,12 @@ def _train(cfg, runtime, folder: RunFolder, train_split, test_split, test_batche
     distributed.run_synced(write_run_description, on_this_rank=main_process)
 
     model, optimizer = accelerator.prepare(model, optimizer)
-    bare_model = accelerator.unwrap_model(model)
+    bare_model = accelerator.unwrap_model(model, keep_torch_compile=False)
     dtypes = compute_dtypes(bare_model, transform(test_split.images[:2], train=False), accelerator)
     log(
         f"fmdist: mixed precision in effect: {runtime.mixed_precision} "
-        f"(convolutions compute in {', '.join(sorted(str(d).removeprefix('torch.') for d in dtypes))})"
+        f"(convolutions compute in {', '.join(sorted(str(d).removeprefix('torch.') for d in dtypes))}); "
+        f"channels_last {'on' if cfg.channels_last else 'off'}; torch.compile {'on' if cfg.compile else 'off'}"
     )
 
     history: list[dict] = []
@@ -262,6 +271,7 @@ def _train(cfg, runtime, folder: RunFolder, train_split, test_split, test_batche
 def _write_final_outputs(cfg, runtime, folder: RunFolder, bare_model, history, final, counts, classes, tracker):
     """model.pt, curves.png, confusion.png and summary.json; then the W&B run's images and summary."""
     summary = run_summary(cfg, runtime.world_size, counts, history, final.confusion, classes)
+    summary.update(distributed.peak_memory_mb(runtime.device))
 
     def write():
         folder.write_json(HISTORY_FILE, history)

@@ -22,6 +22,7 @@ class BatchTransform:
         std: float,
         in_channels: int,
         augment: bool,
+        channels_last: bool,
         seed: int,
         rank: int,
         device: torch.device,
@@ -30,6 +31,7 @@ class BatchTransform:
         self.mean, self.std = mean, std
         self.in_channels = in_channels
         self.augment = augment
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.device = device
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed * 1009 + rank)
@@ -42,6 +44,7 @@ class BatchTransform:
             std=cfg.data.std,
             in_channels=cfg.model.in_channels,
             augment=cfg.data.augment,
+            channels_last=cfg.channels_last,
             seed=cfg.seed,
             rank=rank,
             device=device,
@@ -57,8 +60,8 @@ class BatchTransform:
             )
         x = (x - self.mean) / self.std
         if self.in_channels != 1:
-            x = x.expand(-1, self.in_channels, -1, -1).contiguous()
-        return x
+            x = x.expand(-1, self.in_channels, -1, -1)
+        return x.contiguous(memory_format=self.memory_format)
 
     def _random_crop_and_flip(self, x: torch.Tensor) -> torch.Tensor:
         batch, _, height, width = x.shape

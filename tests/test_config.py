@@ -51,6 +51,15 @@ def test_overrides_are_typed_and_win_over_files():
     assert cfg.model.init_from is None and cfg.mixed_precision == "bf16"
 
 
+def test_unquoted_no_and_off_are_choices_not_booleans(tmp_path):
+    (tmp_path / "plain.yaml").write_text("mixed_precision: no\nprogress: off\n")
+    cfg = load_config(tmp_path / "plain.yaml")
+    assert (cfg.mixed_precision, cfg.progress) == ("no", "off")
+    assert load_config(None, ["progress=off", "mixed_precision=no"]).progress == "off"
+    with pytest.raises(FmdistError, match="key 'data.augment': expected true or false"):
+        load_config(None, ["data.augment=maybe"])
+
+
 def test_extends_chains_and_yaml_exponent_without_dot(tmp_path):
     (tmp_path / "parent.yaml").write_text("extends: " + str(CONFIGS / "base.yaml") + "\nepochs: 7\n")
     (tmp_path / "child.yaml").write_text("extends: parent.yaml\noptimizer:\n  lr: 5e-4\n")

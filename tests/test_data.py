@@ -5,11 +5,21 @@ import pytest
 import torch
 
 from fmdist.config import load_config
-from fmdist.data import FASHION_MNIST_CLASSES, ShardSampler, load_splits, synthetic_images, train_loader
+from fmdist.data import (
+    FASHION_MNIST_CLASSES,
+    DeviceBatches,
+    ShardSampler,
+    eval_loader,
+    load_splits,
+    synthetic_images,
+    train_loader,
+)
 from fmdist.errors import FmdistError
 from fmdist.transforms import BatchTransform
 
 from helpers import write_idx
+
+CPU = torch.device("cpu")
 
 
 def data_cfg(*overrides):
@@ -77,12 +87,13 @@ def test_shard_sampler_covers_every_test_image_exactly_once(world):
 
 
 def test_training_order_is_deterministic_given_seed_and_epoch(monkeypatch):
-    split, _ = load_splits(data_cfg("data.source=synthetic", "data.train_size=300", "data.test_size=10"), 10)
+    cfg = data_cfg("data.source=synthetic", "data.train_size=300", "data.test_size=10")
+    split, _ = load_splits(cfg, 10)
 
     def epoch_labels(seed, epoch, rank=0, world=1):
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", str(world))
-        loader = train_loader(split, batch_size=32, seed=seed, num_workers=0)
+        loader = train_loader(split, batch_size=32, seed=seed, data_cfg=cfg, device=CPU)
         loader.sampler.set_epoch(epoch)
         return torch.cat([labels for _, labels in loader])
 
@@ -94,18 +105,19 @@ def test_training_order_is_deterministic_given_seed_and_epoch(monkeypatch):
 
 
 def test_batches_larger_than_a_shard_and_more_processes_than_images_are_refused(monkeypatch):
-    split, _ = load_splits(data_cfg("data.source=synthetic", "data.train_size=5", "data.test_size=10"), 10)
+    cfg = data_cfg("data.source=synthetic", "data.train_size=5", "data.test_size=10")
+    split, _ = load_splits(cfg, 10)
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(FmdistError, match=r"batch_size=4 is larger than each process's share .* use batch_size <= 3"):
-        train_loader(split, batch_size=4, seed=0, num_workers=0)
+        train_loader(split, batch_size=4, seed=0, data_cfg=cfg, device=CPU)
     monkeypatch.setenv("WORLD_SIZE", "6")
     with pytest.raises(FmdistError, match="5 training images cannot be shared by 6 processes"):
-        train_loader(split, batch_size=1, seed=0, num_workers=0)
+        train_loader(split, batch_size=1, seed=0, data_cfg=cfg, device=CPU)
 
 
 def transform(**overrides):
-    settings = dict(image_size=28, mean=0.0, std=1.0, in_channels=1, augment=False, seed=0, rank=0)
-    return BatchTransform(**{**settings, **overrides}, device=torch.device("cpu"))
+    settings = dict(image_size=28, mean=0.0, std=1.0, in_channels=1, augment=False, channels_last=False, seed=0, rank=0)
+    return BatchTransform(**{**settings, **overrides}, device=CPU)
 
 
 def test_batch_transform_scales_normalises_and_resizes():
@@ -132,3 +144,43 @@ def test_augmentation_crops_and_flips_reproducibly_and_only_in_training():
     for original, out in zip(padded, first[:, 0], strict=True):
         windows = [original[y : y + 28, x : x + 28] for y in range(5) for x in range(5)]
         assert any(torch.equal(out, w) or torch.equal(out, w.flip(-1)) for w in windows)
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_device_batches_and_the_dataloader_path_give_identical_batches(monkeypatch, world):
+    """The default fast path (split held on the device, batches by indexing) against the classic
+    DataLoader with worker processes: same images, same labels, same order, every rank, every
+    epoch, also part-way into a resumed epoch and through the transform."""
+    fast = data_cfg("data.source=synthetic", "data.train_size=403", "data.test_size=101")
+    classic = data_cfg("data.source=synthetic", "data.train_size=403", "data.test_size=101", "data.loader=dataloader",
+                       "data.num_workers=2")  # fmt: skip
+    train_split, test_split = load_splits(fast, 10)
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    to_model = transform(mean=0.2860, std=0.3530, channels_last=True)
+    for rank in range(world):
+        monkeypatch.setenv("RANK", str(rank))
+        device_train = train_loader(train_split, 32, 7, fast, CPU)
+        loader_train = train_loader(train_split, 32, 7, classic, CPU)
+        assert isinstance(device_train, DeviceBatches) and isinstance(loader_train, torch.utils.data.DataLoader)
+        for epoch, skip in ((1, 0), (2, 0), (2, 3)):
+            device_train.sampler.set_epoch(epoch, skip_batches=skip)
+            loader_train.sampler.set_epoch(epoch, skip_batches=skip)
+            assert len(device_train) == len(loader_train)
+            fast_batches, classic_batches = list(device_train), list(loader_train)
+            assert len(fast_batches) == len(classic_batches) == len(device_train)
+            for (a_images, a_labels), (b_images, b_labels) in zip(fast_batches, classic_batches, strict=True):
+                assert torch.equal(a_images, b_images) and torch.equal(a_labels, b_labels)
+                assert torch.equal(to_model(a_images, train=True), to_model(b_images, train=True))
+        device_eval = list(eval_loader(test_split, 16, fast, CPU))
+        loader_eval = list(eval_loader(test_split, 16, classic, CPU))
+        assert len(device_eval) == len(loader_eval)
+        for (a_images, a_labels), (b_images, b_labels) in zip(device_eval, loader_eval, strict=True):
+            assert torch.equal(a_images, b_images) and torch.equal(a_labels, b_labels)
+
+
+def test_channels_last_batches_hold_the_same_values_in_the_other_layout():
+    images = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (8, 28, 28), dtype=np.uint8))
+    plain = transform(in_channels=3, image_size=32)(images, train=False)
+    fast = transform(in_channels=3, image_size=32, channels_last=True)(images, train=False)
+    assert fast.is_contiguous(memory_format=torch.channels_last) and plain.is_contiguous()
+    assert torch.equal(plain, fast)

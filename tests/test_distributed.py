@@ -79,3 +79,5 @@ def test_precision_fallbacks():
     assert distributed.resolve_mixed_precision("fp16", "cpu") == "bf16"
     assert distributed.resolve_mixed_precision("bf16", "cpu") == "bf16"
     assert distributed.resolve_mixed_precision("no", "cpu") == "no"
+    native = distributed.cpu_has_bf16_units()
+    assert distributed.resolve_mixed_precision("auto", "cpu") == ("bf16" if native else "no")

@@ -47,7 +47,7 @@ def test_frozen_epoch_changes_conv1_and_fc_only_and_no_batchnorm_statistics(imag
     train_split, _ = load_splits(cfg.data, cfg.model.num_classes)
     transform = BatchTransform.from_config(cfg, rank=0, device=runtime.device)
 
-    loader = train_loader(train_split, 32, 0, 0)
+    loader = train_loader(train_split, 32, 0, cfg.data, runtime.device)
     train_one_epoch(model, loader, optimizer, transform, runtime.accelerator, 1, EpochProgress(), lambda: False)
 
     after = runtime.accelerator.unwrap_model(model).state_dict()

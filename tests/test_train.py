@@ -16,6 +16,7 @@ from fmdist.data import load_splits, train_loader
 from fmdist.engine import EpochProgress, train_one_epoch
 from fmdist.optim import build_optimizer
 from fmdist.regimes import build_model
+from fmdist.train import in_memory_format
 from fmdist.transforms import BatchTransform
 
 from helpers import (
@@ -249,7 +250,7 @@ def test_bf16_training_step_runs_every_convolution_in_bf16(fresh_accelerate):
     split, _ = load_splits(cfg.data, 10)
     stats = train_one_epoch(
         model,
-        train_loader(split, 64, 0, 0),
+        train_loader(split, 64, 0, cfg.data, runtime.device),
         optimizer,
         BatchTransform.from_config(cfg, rank=0, device=runtime.device),
         runtime.accelerator,
@@ -281,9 +282,34 @@ def test_trainer_logs_bf16_in_effect_and_falls_back_from_fp16_on_cpu_with_one_wa
     assert read_history(tmp_path / "fp16")[0]["val_count"] == 50
 
 
-def test_fp32_is_what_runs_without_mixed_precision(tmp_path):
+def test_auto_precision_is_fp32_on_a_cpu_without_bf16_units_with_channels_last_model_and_batches(tmp_path):
     result = train(tmp_path, *SMOKE, "epochs=1", f"output_dir={tmp_path / 'fp32'}")
-    assert "mixed precision in effect: no (convolutions compute in float32)" in result.stdout
+    expected = (
+        "bf16 (convolutions compute in bfloat16)"
+        if distributed.cpu_has_bf16_units()
+        else "no (convolutions compute in float32)"
+    )
+    assert f"mixed precision in effect: {expected}; channels_last on" in result.stdout
+    assert "mixed_precision: auto" in (tmp_path / "fp32" / "config.yaml").read_text()
+
+    cfg = load_config(CONFIGS / "smoke.yaml", ["data.train_size=64", "data.test_size=8"])
+    model, _ = build_model(cfg)
+    model = in_memory_format(model, cfg)
+    assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    split, _ = load_splits(cfg.data, 10)
+    batch = BatchTransform.from_config(cfg, rank=0, device=torch.device("cpu"))(split.images[:4], train=True)
+    assert batch.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_compiled_model_trains_and_saves_plain_state_dict_keys(tmp_path):
+    args = (*SMOKE, "epochs=1", "data.train_size=256", "data.test_size=64", "model.width=8")
+    result = train(tmp_path, *args, "compile=true", f"output_dir={tmp_path / 'compiled'}", timeout=600)
+    assert "torch.compile on" in result.stdout
+    train(tmp_path, *args, f"output_dir={tmp_path / 'eager'}")
+    compiled = torch.load(tmp_path / "compiled" / "model.pt", weights_only=True)
+    eager = torch.load(tmp_path / "eager" / "model.pt", weights_only=True)
+    assert compiled.keys() == eager.keys()
+    assert read_history(tmp_path / "compiled")[0]["val_count"] == 64
 
 
 # --------------------------------------------------------------------------------- sources, weights
