@@ -68,6 +68,9 @@ class DataConfig:
     mean: float = _key(0.2860, "normalisation mean of the pixel values scaled to 0..1 (FashionMNIST's)")
     std: float = _key(0.3530, "normalisation standard deviation (FashionMNIST's)")
     augment: bool = _key(False, "random crop (padding 2) and horizontal flip on training batches")
+    random_erasing: float = _key(
+        0.0, "probability of erasing a random rectangle (2-33% of the image) of a training image, on the device"
+    )
     loader: Literal["device", "dataloader"] = _key(
         "device",
         "device: the whole split held on the training device, batches cut by indexing it; "
@@ -81,8 +84,15 @@ class DataConfig:
 class OptimizerConfig:
     name: Literal["adam", "adamw", "sgd"] = _key("adam", "adam (the tutorial's), adamw or sgd (momentum, Nesterov)")
     lr: float = _key(1e-3, "learning rate")
-    weight_decay: float = _key(0.0, "weight decay")
+    weight_decay: float = _key(0.0, "weight decay, on weights only (never on BatchNorm parameters or biases)")
     momentum: float = _key(0.9, "sgd momentum")
+    schedule: Literal["constant", "cosine"] = _key(
+        "constant", "learning rate over training, stepped every iteration: constant (the tutorial's) or cosine decay"
+    )
+    warmup_epochs: float = _key(0.0, "linear warm-up from lr/steps to lr over this many epochs (fractions allowed)")
+    min_lr_ratio: float = _key(0.0, "cosine schedule: the final learning rate as a fraction of lr")
+    scale_lr: bool = _key(False, "linear scaling rule: the learning rate used is lr x global batch / reference_batch")
+    reference_batch: int = _key(256, "the global batch size lr is given for (with scale_lr)")
 
 
 @dataclass
@@ -124,6 +134,8 @@ class TrainConfig:
         "(AMX, AVX512-BF16), no elsewhere (emulated bf16 is slower than fp32); fp16 needs a CUDA GPU "
         "(falls back to bf16 on CPU)",
     )
+    label_smoothing: float = _key(0.0, "label smoothing of the training loss (validation loss is never smoothed)")
+    eval_flip: bool = _key(False, "evaluate on each image and its mirror image, averaging the logits")
     channels_last: bool = _key(True, "model and batches in channels-last memory format (faster convolutions)")
     compile: bool = _key(False, "torch.compile the model (minutes of compiling first; pays off on GPUs)")
     seed: int = _key(0, "seed of initialisation, data order and augmentation")
@@ -379,6 +391,11 @@ def validate(cfg: TrainConfig, origins: dict[str, str] | None = None) -> None:
     require(math.isfinite(cfg.optimizer.lr) and cfg.optimizer.lr > 0, "optimizer.lr", "a positive number")
     require(cfg.optimizer.weight_decay >= 0, "optimizer.weight_decay", "0 or more")
     require(0 <= cfg.optimizer.momentum < 1, "optimizer.momentum", "a value in [0, 1)")
+    require(0 <= cfg.optimizer.warmup_epochs < cfg.epochs, "optimizer.warmup_epochs", "0 or more, below epochs")
+    require(0 <= cfg.optimizer.min_lr_ratio <= 1, "optimizer.min_lr_ratio", "a value in 0..1")
+    require(cfg.optimizer.reference_batch >= 1, "optimizer.reference_batch", "at least 1")
+    require(0 <= cfg.label_smoothing < 1, "label_smoothing", "a value in [0, 1)")
+    require(0 <= cfg.data.random_erasing <= 1, "data.random_erasing", "a probability in 0..1")
 
 
 def to_dict(cfg: TrainConfig) -> dict:

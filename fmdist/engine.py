@@ -54,6 +54,8 @@ def train_one_epoch(
     progress: EpochProgress,
     stop_requested: Callable[[], bool],
     on_step: Callable[[int, torch.Tensor], None] = lambda step, loss: None,
+    scheduler=None,
+    label_smoothing: float = 0.0,
 ) -> TrainStats | EpochProgress:
     """Train until the loader is exhausted (TrainStats) or a stop is requested (the EpochProgress to save).
 
@@ -70,10 +72,12 @@ def train_one_epoch(
         labels = labels.to(accelerator.device, non_blocking=True)
         with accelerator.autocast():
             logits = model(inputs)
-        loss = F.cross_entropy(logits.float(), labels)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         step += 1
         finite = bool(torch.isfinite(loss))
         stopped, diverged = distributed.any_rank_flags([stop_requested(), not finite])
@@ -96,8 +100,9 @@ def train_one_epoch(
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader, transform, accelerator, num_classes: int) -> EvalStats:
+def evaluate(model: nn.Module, loader, transform, accelerator, num_classes: int, flip: bool = False) -> EvalStats:
     """Loss and accuracy over exactly the images the loader's shards hold, summed over ranks.
+    With `flip`, the logits are the mean of those of each image and of its mirror image.
 
     `model` must be the unwrapped module: a DDP wrapper may synchronise buffers in forward,
     which would hang when ranks hold different numbers of test batches.
@@ -109,8 +114,10 @@ def evaluate(model: nn.Module, loader, transform, accelerator, num_classes: int)
         inputs = transform(images, train=False)
         labels = labels.to(accelerator.device, non_blocking=True)
         with accelerator.autocast():
-            logits = model(inputs)
-        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").double()
+            logits = model(inputs).float()
+            if flip:
+                logits = (logits + model(inputs.flip(-1)).float()) / 2
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
         confusion += torch.bincount(labels * num_classes + logits.argmax(dim=1), minlength=num_classes**2)
     total_loss, *counts = distributed.all_reduce_sum([loss_sum.item(), *confusion.tolist()])
     matrix = torch.tensor(counts, dtype=torch.int64).reshape(num_classes, num_classes)

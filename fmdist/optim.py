@@ -1,18 +1,58 @@
-"""Optimizers, built from the parameters that train (a frozen backbone has none in the optimizer)."""
+"""Optimizers over the parameters that train (a frozen backbone has none in the optimizer), and
+the learning-rate schedule, stepped every iteration."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
 
 
-def build_optimizer(optimizer_cfg, model: nn.Module) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    name, lr, decay = optimizer_cfg.name, optimizer_cfg.lr, optimizer_cfg.weight_decay
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=decay)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=decay)
-    return torch.optim.SGD(
-        params, lr=lr, momentum=optimizer_cfg.momentum, nesterov=optimizer_cfg.momentum > 0, weight_decay=decay
+def scaled_lr(optimizer_cfg, global_batch: int) -> float:
+    """The learning rate in use: lr, or with scale_lr the linear scaling rule lr x global batch / reference."""
+    if optimizer_cfg.scale_lr:
+        return optimizer_cfg.lr * global_batch / optimizer_cfg.reference_batch
+    return optimizer_cfg.lr
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters; weight decay on weight matrices and kernels only, not on BatchNorm
+    scales and shifts or biases (all 1-dimensional), where it only fights normalisation."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if weight_decay == 0:
+        return [{"params": trainable, "weight_decay": 0.0}]
+    return [
+        {"params": [p for p in trainable if p.ndim > 1], "weight_decay": weight_decay},
+        {"params": [p for p in trainable if p.ndim <= 1], "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(optimizer_cfg, model: nn.Module, global_batch: int | None = None) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, optimizer_cfg.weight_decay)
+    lr = scaled_lr(optimizer_cfg, global_batch) if global_batch else optimizer_cfg.lr
+    if optimizer_cfg.name == "adam":
+        return torch.optim.Adam(groups, lr=lr)
+    if optimizer_cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    momentum = optimizer_cfg.momentum
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0)
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min_ratio: float) -> float:
+    """The multiplier of the learning rate for optimizer step `step` (0-based) of `total_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def build_scheduler(optimizer_cfg, optimizer, steps_per_epoch: int, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup = round(optimizer_cfg.warmup_epochs * steps_per_epoch)
+    total = steps_per_epoch * epochs
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: lr_factor(step, total, warmup, optimizer_cfg.schedule, optimizer_cfg.min_lr_ratio),
     )

@@ -25,7 +25,7 @@ from fmdist.config import TrainConfig, keys_help, load_config, to_yaml
 from fmdist.data import eval_loader, load_splits, train_loader
 from fmdist.engine import EpochProgress, compute_dtypes, evaluate, train_one_epoch
 from fmdist.errors import FmdistError
-from fmdist.optim import build_optimizer
+from fmdist.optim import build_optimizer, build_scheduler
 from fmdist.outputs import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
@@ -118,7 +118,7 @@ def _evaluate_only(cfg, runtime, folder: RunFolder, test_split, test_batches) ->
     model = runtime.accelerator.prepare(in_memory_format(model, cfg))
     bare_model = runtime.accelerator.unwrap_model(model, keep_torch_compile=False)
     transform = BatchTransform.from_config(cfg, runtime.rank, runtime.device)
-    stats = evaluate(bare_model, test_batches, transform, runtime.accelerator, cfg.model.num_classes)
+    stats = evaluate(bare_model, test_batches, transform, runtime.accelerator, cfg.model.num_classes, cfg.eval_flip)
     log(f"Validation Loss: {stats.loss:.6f}, Accuracy: {stats.accuracy:.6f} ({stats.count} images)")
     result = {"val_loss": stats.loss, "val_acc": stats.accuracy, "val_count": stats.count}
 
@@ -143,7 +143,7 @@ def _train(cfg, runtime, folder: RunFolder, train_split, test_split, test_batche
     model, counts = build_model(cfg, initial_weights=plan.resume_from is None)
     model = in_memory_format(model, cfg)
     log(f"fmdist: parameters: {counts.trainable:,} trainable / {counts.total:,} total")
-    optimizer = build_optimizer(cfg.optimizer, model)
+    optimizer = build_optimizer(cfg.optimizer, model, cfg.batch_size * runtime.world_size)
     transform = BatchTransform.from_config(cfg, runtime.rank, runtime.device)
     run_fingerprint = fingerprint(
         cfg, runtime.world_size, runtime.mixed_precision, data_digest(train_split, test_split)
@@ -169,6 +169,8 @@ def _train(cfg, runtime, folder: RunFolder, train_split, test_split, test_batche
 
     model, optimizer = accelerator.prepare(model, optimizer)
     bare_model = accelerator.unwrap_model(model, keep_torch_compile=False)
+    # Stepped here every iteration, not through Accelerate (which would step it once per process).
+    scheduler = build_scheduler(cfg.optimizer, optimizer, len(train_batches), cfg.epochs)
     dtypes = compute_dtypes(bare_model, transform(test_split.images[:2], train=False), accelerator)
     log(
         f"fmdist: mixed precision in effect: {runtime.mixed_precision} "
@@ -182,6 +184,10 @@ def _train(cfg, runtime, folder: RunFolder, train_split, test_split, test_batche
         if checkpoint.get("scaler") is not None and accelerator.scaler is not None:
             accelerator.scaler.load_state_dict(checkpoint["scaler"])
         restore_rng(checkpoint["rng"][runtime.rank], transform.generator)
+        if checkpoint.get("scheduler") is not None:
+            scheduler.load_state_dict(checkpoint["scheduler"])
+            for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+                group["lr"] = lr  # building the scheduler reset it to the first step's
         history = checkpoint["history"]
         start = Position(checkpoint["epoch"], checkpoint["step"])
         if start.step:
@@ -202,7 +208,7 @@ def _train(cfg, runtime, folder: RunFolder, train_split, test_split, test_batche
                 else {"loss_sum": progress.loss_sum, "images": progress.images, "seconds": progress.seconds},
                 "model": bare_model.state_dict(),
                 "optimizer": optimizer.state_dict(),
-                "scheduler": None,
+                "scheduler": scheduler.state_dict(),
                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                 "history": history,
                 "rng": rng_states,
@@ -215,7 +221,7 @@ def _train(cfg, runtime, folder: RunFolder, train_split, test_split, test_batche
     num_classes = cfg.model.num_classes
     if start.epoch >= cfg.epochs:
         log(f"fmdist: the run is already complete ({start.epoch} epochs done); writing its final outputs")
-        final = evaluate(bare_model, test_batches, transform, accelerator, num_classes)
+        final = evaluate(bare_model, test_batches, transform, accelerator, num_classes, cfg.eval_flip)
         _write_final_outputs(cfg, runtime, folder, bare_model, history, final, counts, test_split.classes, Tracker())
         return history
 
@@ -229,14 +235,15 @@ def _train(cfg, runtime, folder: RunFolder, train_split, test_split, test_batche
         train_batches.sampler.set_epoch(epoch, skip_batches=progress.step)
         display.start_epoch(epoch, progress.step, progress.step + len(train_batches))
         trained = train_one_epoch(
-            model, train_batches, optimizer, transform, accelerator, epoch, progress, stop.requested, display.step
-        )
+            model, train_batches, optimizer, transform, accelerator, epoch, progress, stop.requested, display.step,
+            scheduler=scheduler, label_smoothing=cfg.label_smoothing,
+        )  # fmt: skip
         display.end_epoch()
         if isinstance(trained, EpochProgress):
             path = save_checkpoint(Position(epoch - 1, trained.step), trained, periodic=True, best=False)
             raise Checkpointed(_stopped_message(stop, f"epoch {epoch}, step {trained.step}", path))
         log(f"Epoch: {epoch} \tTraining Loss: {trained.loss:.6f}")
-        validated = evaluate(bare_model, test_batches, transform, accelerator, num_classes)
+        validated = evaluate(bare_model, test_batches, transform, accelerator, num_classes, cfg.eval_flip)
         log(f"Epoch: {epoch} \tValidation Loss: {validated.loss:.6f}, Accuracy: {validated.accuracy:.6f}")
         history.append(
             {

@@ -1,0 +1,126 @@
+"""The recipe's building blocks: weight-decay groups, the LR schedule and its scaling rule, random
+erasing, label smoothing and flip test-time augmentation, and configs/recipe.yaml end to end."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fmdist import distributed
+from fmdist.config import load_config
+from fmdist.data import load_splits
+from fmdist.engine import evaluate
+from fmdist.models import resnet18
+from fmdist.optim import build_optimizer, build_scheduler, lr_factor, parameter_groups, scaled_lr
+from fmdist.transforms import BatchTransform
+
+from helpers import CONFIGS, read_history, train
+
+CPU = torch.device("cpu")
+
+
+def test_weight_decay_skips_batchnorm_and_biases_and_frozen_parameters():
+    model = resnet18(in_channels=1, num_classes=10)
+    model.layer1.requires_grad_(False)
+    decay, no_decay = parameter_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim == 4 or names[id(p)] == "fc.weight" for p in decay["params"])
+    assert {names[id(p)] for p in no_decay["params"]} >= {"bn1.weight", "bn1.bias", "fc.bias"}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(decay["params"]) + len(no_decay["params"]) == len(trainable)
+    assert not any(names[id(p)].startswith("layer1.") for p in decay["params"] + no_decay["params"])
+    assert len(parameter_groups(model, 0.0)) == 1
+
+
+def test_optimizers_and_the_linear_scaling_rule():
+    cfg = load_config(CONFIGS / "recipe.yaml").optimizer
+    assert scaled_lr(cfg, 256) == pytest.approx(0.002) and scaled_lr(cfg, 512) == pytest.approx(0.004)
+    assert scaled_lr(load_config(None).optimizer, 512) == 1e-3  # scale_lr off: lr as given
+    model = resnet18(in_channels=1, num_classes=10, width=8)
+    adamw = build_optimizer(cfg, model, global_batch=128)
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.param_groups[0]["lr"] == pytest.approx(0.001)
+    sgd = build_optimizer(load_config(None, ["optimizer.name=sgd"]).optimizer, model)
+    assert sgd.param_groups[0]["nesterov"] and sgd.param_groups[0]["momentum"] == 0.9
+
+
+def test_warmup_then_cosine_schedule_values_per_iteration():
+    assert [lr_factor(s, 100, 10, "cosine", 0.0) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]
+    assert lr_factor(10, 100, 10, "cosine", 0.0) == 1.0
+    assert lr_factor(55, 100, 10, "cosine", 0.0) == pytest.approx(0.5)
+    assert lr_factor(100, 100, 10, "cosine", 0.1) == pytest.approx(0.1)
+    assert lr_factor(77, 100, 10, "constant", 0.0) == 1.0 and lr_factor(3, 100, 10, "constant", 0.0) == 0.4
+
+    cfg = load_config(None, ["optimizer.schedule=cosine", "optimizer.warmup_epochs=0.5", "optimizer.min_lr_ratio=0.1",
+                             "optimizer.lr=0.01"]).optimizer  # fmt: skip
+    parameter = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.SGD([parameter], lr=0.01)
+    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch=10, epochs=2)
+    used = []
+    for _ in range(20):
+        used.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert used[:5] == pytest.approx([0.002, 0.004, 0.006, 0.008, 0.01])
+    expected = [0.01 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / 15))) for k in range(15)]
+    assert used[5:] == pytest.approx(expected)
+
+
+def erasing_transform(p, seed=0, rank=0):
+    return BatchTransform(28, 0.0, 1.0, 1, augment=False, channels_last=False, seed=seed, rank=rank, device=CPU,
+                          erasing=p)  # fmt: skip
+
+
+def test_random_erasing_zeroes_one_rectangle_per_chosen_image_reproducibly_and_only_in_training():
+    images = torch.from_numpy(np.random.default_rng(0).integers(1, 256, (64, 28, 28), dtype=np.uint8))
+    erased = erasing_transform(1.0)(images, train=True)
+    assert erased.shape == (64, 1, 28, 28)
+    for image in erased[:, 0]:
+        zero = (image == 0).nonzero()
+        rows, cols = zero[:, 0], zero[:, 1]
+        height, width = int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)
+        assert len(zero) == height * width  # one solid rectangle
+        assert 0.015 * 784 <= len(zero) <= 0.34 * 784
+    assert torch.equal(erased, erasing_transform(1.0)(images, train=True))
+    assert not torch.equal(erased, erasing_transform(1.0, rank=1)(images, train=True))
+    assert torch.equal(erasing_transform(1.0)(images, train=False), images.unsqueeze(1).float() / 255)
+    some = erasing_transform(0.25, seed=3)(images, train=True)
+    chosen = int(((some == 0).flatten(1).any(dim=1)).sum())
+    assert 4 <= chosen <= 28  # about a quarter of 64
+
+
+def test_flip_test_time_augmentation_averages_the_logits_of_both_views(fresh_accelerate):
+    cfg = load_config(CONFIGS / "smoke.yaml", ["data.train_size=64", "data.test_size=37", "model.width=8"])
+    runtime = distributed.setup(cfg)
+    torch.manual_seed(0)
+    model = resnet18(in_channels=1, num_classes=10, width=8).eval()
+    _, test_split = load_splits(cfg.data, 10)
+    transform = BatchTransform.from_config(cfg, 0, CPU)
+    batches = [(test_split.images, test_split.labels)]
+    plain = evaluate(model, batches, transform, runtime.accelerator, 10)
+    flipped = evaluate(model, batches, transform, runtime.accelerator, 10, flip=True)
+    with torch.no_grad():
+        inputs = transform(test_split.images, train=False)
+        logits = (model(inputs) + model(inputs.flip(-1))) / 2
+    expected_loss = torch.nn.functional.cross_entropy(logits, test_split.labels).item()
+    assert flipped.loss == pytest.approx(expected_loss, rel=1e-5) and flipped.count == plain.count == 37
+    expected_confusion = torch.zeros(10, 10, dtype=torch.int64)
+    for label, prediction in zip(test_split.labels.tolist(), logits.argmax(1).tolist(), strict=True):
+        expected_confusion[label, prediction] += 1
+    assert flipped.confusion == expected_confusion.tolist()
+    assert flipped.loss != pytest.approx(plain.loss)
+
+
+def test_the_recipe_config_trains_with_its_schedule_and_smoothing(tmp_path):
+    out = tmp_path / "recipe"
+    train(tmp_path, "--config", str(CONFIGS / "recipe.yaml"), "epochs=3", "batch_size=64", "data.source=synthetic",
+          "data.train_size=640", "data.test_size=100", "model.width=16", f"output_dir={out}")  # fmt: skip
+    history = read_history(out)
+    lr = 0.002 * 64 / 256  # scaled to the global batch
+    steps = 10  # 640 images / 64
+    expected = [lr * lr_factor(steps * epoch, 3 * steps, steps, "cosine", 0.01) for epoch in (1, 2, 3)]
+    assert [r["lr"] for r in history] == pytest.approx(expected)
+    assert history[-1]["train_loss"] < history[0]["train_loss"] and history[-1]["val_count"] == 100
+    saved = (out / "config.yaml").read_text()
+    assert "label_smoothing: 0.1" in saved and "random_erasing: 0.25" in saved and "eval_flip: true" in saved
