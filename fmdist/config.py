@@ -135,6 +135,9 @@ class TrainConfig:
         "(falls back to bf16 on CPU)",
     )
     label_smoothing: float = _key(0.0, "label smoothing of the training loss (validation loss is never smoothed)")
+    ema_decay: float = _key(
+        0.0, "keep an exponential moving average of the weights, updated every step, evaluated alongside (0 = off)"
+    )
     eval_flip: bool = _key(False, "evaluate on each image and its mirror image, averaging the logits")
     channels_last: bool = _key(True, "model and batches in channels-last memory format (faster convolutions)")
     compile: bool = _key(False, "torch.compile the model (minutes of compiling first; pays off on GPUs)")
@@ -391,10 +394,11 @@ def validate(cfg: TrainConfig, origins: dict[str, str] | None = None) -> None:
     require(math.isfinite(cfg.optimizer.lr) and cfg.optimizer.lr > 0, "optimizer.lr", "a positive number")
     require(cfg.optimizer.weight_decay >= 0, "optimizer.weight_decay", "0 or more")
     require(0 <= cfg.optimizer.momentum < 1, "optimizer.momentum", "a value in [0, 1)")
-    require(0 <= cfg.optimizer.warmup_epochs < cfg.epochs, "optimizer.warmup_epochs", "0 or more, below epochs")
+    require(0 <= cfg.optimizer.warmup_epochs <= cfg.epochs, "optimizer.warmup_epochs", "0 to epochs")
     require(0 <= cfg.optimizer.min_lr_ratio <= 1, "optimizer.min_lr_ratio", "a value in 0..1")
     require(cfg.optimizer.reference_batch >= 1, "optimizer.reference_batch", "at least 1")
     require(0 <= cfg.label_smoothing < 1, "label_smoothing", "a value in [0, 1)")
+    require(0 <= cfg.ema_decay < 1, "ema_decay", "a value in [0, 1)")
     require(0 <= cfg.data.random_erasing <= 1, "data.random_erasing", "a probability in 0..1")
 
 

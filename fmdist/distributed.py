@@ -79,6 +79,14 @@ def any_rank_flags(flags: list[bool]) -> list[bool]:
     return [value > 0 for value in _all_reduce([float(f) for f in flags], "MAX")]
 
 
+def copy_buffers_from_main(module: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (e.g. BatchNorm statistics, which each rank updates from
+    its own batches)."""
+    if _initialized() and world_size() > 1:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def gather_objects(obj) -> list:
     """Every rank's `obj`, in rank order, on every rank."""
     if not (_initialized() and world_size() > 1):

@@ -56,6 +56,7 @@ def train_one_epoch(
     on_step: Callable[[int, torch.Tensor], None] = lambda step, loss: None,
     scheduler=None,
     label_smoothing: float = 0.0,
+    ema=None,
 ) -> TrainStats | EpochProgress:
     """Train until the loader is exhausted (TrainStats) or a stop is requested (the EpochProgress to save).
 
@@ -78,6 +79,8 @@ def train_one_epoch(
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
         step += 1
         finite = bool(torch.isfinite(loss))
         stopped, diverged = distributed.any_rank_flags([stop_requested(), not finite])

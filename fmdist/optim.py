@@ -56,3 +56,13 @@ def build_scheduler(optimizer_cfg, optimizer, steps_per_epoch: int, epochs: int)
         optimizer,
         lambda step: lr_factor(step, total, warmup, optimizer_cfg.schedule, optimizer_cfg.min_lr_ratio),
     )
+
+
+def build_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel | None:
+    """An exponential moving average of the weights and BatchNorm statistics: after each step,
+    ema = decay * ema + (1 - decay) * weights (the first update copies the weights)."""
+    if decay == 0:
+        return None
+    return torch.optim.swa_utils.AveragedModel(
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay), use_buffers=True
+    )

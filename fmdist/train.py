@@ -25,7 +25,7 @@ from fmdist.config import TrainConfig, keys_help, load_config, to_yaml
 from fmdist.data import eval_loader, load_splits, train_loader
 from fmdist.engine import EpochProgress, compute_dtypes, evaluate, train_one_epoch
 from fmdist.errors import FmdistError
-from fmdist.optim import build_optimizer, build_scheduler
+from fmdist.optim import build_ema, build_optimizer, build_scheduler
 from fmdist.outputs import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
@@ -171,6 +171,7 @@ def _train(cfg, runtime, folder: RunFolder, train_split, test_split, test_batche
     bare_model = accelerator.unwrap_model(model, keep_torch_compile=False)
     # Stepped here every iteration, not through Accelerate (which would step it once per process).
     scheduler = build_scheduler(cfg.optimizer, optimizer, len(train_batches), cfg.epochs)
+    ema = build_ema(bare_model, cfg.ema_decay)
     dtypes = compute_dtypes(bare_model, transform(test_split.images[:2], train=False), accelerator)
     log(
         f"fmdist: mixed precision in effect: {runtime.mixed_precision} "
@@ -184,6 +185,8 @@ def _train(cfg, runtime, folder: RunFolder, train_split, test_split, test_batche
         if checkpoint.get("scaler") is not None and accelerator.scaler is not None:
             accelerator.scaler.load_state_dict(checkpoint["scaler"])
         restore_rng(checkpoint["rng"][runtime.rank], transform.generator)
+        if ema is not None and checkpoint.get("ema") is not None:
+            ema.load_state_dict(checkpoint["ema"])
         if checkpoint.get("scheduler") is not None:
             scheduler.load_state_dict(checkpoint["scheduler"])
             for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
@@ -209,6 +212,7 @@ def _train(cfg, runtime, folder: RunFolder, train_split, test_split, test_batche
                 "model": bare_model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
+                "ema": None if ema is None else ema.state_dict(),
                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                 "history": history,
                 "rng": rng_states,
@@ -236,7 +240,7 @@ def _train(cfg, runtime, folder: RunFolder, train_split, test_split, test_batche
         display.start_epoch(epoch, progress.step, progress.step + len(train_batches))
         trained = train_one_epoch(
             model, train_batches, optimizer, transform, accelerator, epoch, progress, stop.requested, display.step,
-            scheduler=scheduler, label_smoothing=cfg.label_smoothing,
+            scheduler=scheduler, label_smoothing=cfg.label_smoothing, ema=ema,
         )  # fmt: skip
         display.end_epoch()
         if isinstance(trained, EpochProgress):
@@ -257,6 +261,12 @@ def _train(cfg, runtime, folder: RunFolder, train_split, test_split, test_batche
                 "train_images_per_sec": trained.images / trained.seconds if trained.seconds > 0 else 0.0,
             }
         )
+        if ema is not None:
+            # Ranks average their own BatchNorm statistics; evaluate (and later save) rank 0's.
+            distributed.copy_buffers_from_main(ema.module)
+            averaged = evaluate(ema.module, test_batches, transform, accelerator, num_classes, cfg.eval_flip)
+            log(f"Epoch: {epoch} \tEMA Validation Loss: {averaged.loss:.6f}, Accuracy: {averaged.accuracy:.6f}")
+            history[-1].update(ema_val_loss=averaged.loss, ema_val_acc=averaged.accuracy)
         if main_process:
             folder.write_json(HISTORY_FILE, history)
         tracker.log_epoch(history[-1])

@@ -33,7 +33,8 @@ from helpers import (
 SMOKE = ("--config", str(CONFIGS / "smoke.yaml"))
 # deterministic kernels, augmentation and a per-step schedule: resuming must restore every state
 EXACT = (*SMOKE, "deterministic=true", "data.augment=true", "data.random_erasing=0.5", "optimizer.name=adamw",
-         "optimizer.weight_decay=0.05", "optimizer.schedule=cosine", "optimizer.warmup_epochs=1", "label_smoothing=0.1")  # fmt: skip
+         "optimizer.weight_decay=0.05", "optimizer.schedule=cosine", "optimizer.warmup_epochs=1", "label_smoothing=0.1",
+         "ema_decay=0.9")  # fmt: skip
 # for tests about files and decisions rather than learning
 SMALL = (*SMOKE, "data.train_size=512", "data.test_size=100")
 

@@ -1,7 +1,9 @@
 """The recipe's building blocks: weight-decay groups, the LR schedule and its scaling rule, random
 erasing, label smoothing and flip test-time augmentation, and configs/recipe.yaml end to end."""
 
+import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -12,10 +14,10 @@ from fmdist.config import load_config
 from fmdist.data import load_splits
 from fmdist.engine import evaluate
 from fmdist.models import resnet18
-from fmdist.optim import build_optimizer, build_scheduler, lr_factor, parameter_groups, scaled_lr
+from fmdist.optim import build_ema, build_optimizer, build_scheduler, lr_factor, parameter_groups, scaled_lr
 from fmdist.transforms import BatchTransform
 
-from helpers import CONFIGS, read_history, train
+from helpers import CONFIGS, read_history, run_command, train
 
 CPU = torch.device("cpu")
 
@@ -124,3 +126,41 @@ def test_the_recipe_config_trains_with_its_schedule_and_smoothing(tmp_path):
     assert history[-1]["train_loss"] < history[0]["train_loss"] and history[-1]["val_count"] == 100
     saved = (out / "config.yaml").read_text()
     assert "label_smoothing: 0.1" in saved and "random_erasing: 0.25" in saved and "eval_flip: true" in saved
+
+
+def test_seeds_command_trains_every_config_and_seed_and_reports_mean_and_std(tmp_path):
+    out = tmp_path / "seeds"
+    result = run_command(
+        [sys.executable, "-m", "fmdist.seeds", "--config", str(CONFIGS / "smoke.yaml"), "--config",
+         str(CONFIGS / "recipe.yaml"), "--seeds", "0", "1", "--output-dir", str(out), "data.source=synthetic",
+         "data.train_size=128", "data.test_size=50", "epochs=1", "batch_size=32", "model.width=8"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    summary = json.loads((out / "seeds.json").read_text())
+    assert list(summary) == ["smoke", "recipe"]
+    for name, numbers in summary.items():
+        finals = [read_history(out / name / f"seed-{seed}")[-1]["val_acc"] for seed in (0, 1)]
+        assert numbers["final"] == finals and numbers["runs"] == 2
+        assert numbers["final_mean"] == pytest.approx(sum(finals) / 2)
+        assert numbers["final_std"] == pytest.approx(abs(finals[0] - finals[1]) / math.sqrt(2))
+    smoke = summary["smoke"]
+    row = f"| smoke | 2 | 1 | {100 * smoke['best_mean']:.1f}% ± {100 * smoke['best_std']:.1f} |"
+    assert row in (out / "seeds.md").read_text() and row in result.stdout
+
+
+def test_ema_copies_then_averages_weights_and_batchnorm_statistics():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    assert build_ema(model, 0.0) is None
+    ema = build_ema(model, 0.9)
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[1].running_mean.fill_(2.0)
+    ema.update_parameters(model)  # the first update copies
+    assert torch.equal(ema.module[0].weight, model[0].weight)
+    with torch.no_grad():
+        model[0].weight.fill_(3.0)
+        model[1].running_mean.fill_(4.0)
+    ema.update_parameters(model)
+    assert torch.allclose(ema.module[0].weight, torch.full((2, 3), 0.9 * 1.0 + 0.1 * 3.0))
+    assert torch.allclose(ema.module[1].running_mean, torch.full((2,), 0.9 * 2.0 + 0.1 * 4.0))
+    assert torch.equal(model[0].weight, torch.full((2, 3), 3.0))  # the model itself is untouched
