@@ -72,8 +72,10 @@ def make_plan(config: str | None, overrides: list[str], out: Path | None) -> tup
                     f"epochs={cfg.compare.stand_in_epochs}", "wandb.mode=disabled",
                     f"output_dir={out / STAND_IN_FOLDER}"]  # fmt: skip
         weights = [f"model.weights={out / STAND_IN_FOLDER / WEIGHTS_FILE}"]
+        named = [regime for regime in cfg.compare.regimes if regime != "scratch"]
+        starting_from_weights = " and ".join([", ".join(named[:-1]), named[-1]] if len(named) > 1 else named)
         notes.append(
-            f"Smoke run: pretrained and frozen start from stand-in weights ({out / STAND_IN_FOLDER / WEIGHTS_FILE}), "
+            f"Smoke run: {starting_from_weights} start from stand-in weights ({out / STAND_IN_FOLDER / WEIGHTS_FILE}), "
             f"pre-trained for {cfg.compare.stand_in_epochs} epochs on a different synthetic task, not from ImageNet."
         )
     regimes = {

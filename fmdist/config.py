@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +19,10 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from fmdist.errors import FmdistError
+from fmdist.regimes import input_normalization
 
 COMMAND_LINE = "command line"
+UNFREEZABLE = r"bn|conv1|bn1|fc|layer[1-4](\.\d+(\.(conv|bn)[1-3]|\.downsample(\.[01])?)?)?"
 
 
 def _key(default: Any, help: str) -> Any:
@@ -39,12 +42,23 @@ class ModelConfig:
         "pretrained/frozen regimes: torchvision ImageNet weights by name (IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT) "
         "or a local .pth state dict",
     )
+    stem: Literal["imagenet", "cifar"] = _key(
+        "imagenet",
+        "imagenet: 7x7 stride-2 conv + max-pool (28x28 is 7x7 at the first block); cifar: 3x3 stride-1 conv, "
+        "no max-pool (28x28 kept; ~14x the compute)",
+    )
     stem_init: Literal["random", "rgb_sum"] = _key(
-        "random",
-        "pretrained/frozen: new first conv randomly initialised, or the pretrained RGB filters summed over colour",
+        "rgb_sum",
+        "pretrained regimes: the new first conv built from the pretrained RGB filters summed over colour (folded "
+        "for the input normalisation, resized to 3x3 for the cifar stem), or randomly initialised (the tutorial's)",
     )
     init_from: str | None = _key(
         None, "weights of this exact model (e.g. a run's model.pt) loaded after the regime's initialisation"
+    )
+    unfreeze: list[str] = _key(
+        ["layer4"],
+        "partial regime: what trains besides conv1 and fc: modules (layer1..layer4, bn1; parts such as layer4.1 "
+        "or layer4.1.bn2) and/or bn (the affine parameters of every BatchNorm)",
     )
 
 
@@ -65,8 +79,14 @@ class DataConfig:
     )
     synthetic_seed: int = _key(0, "synthetic source: seed of the generated task (independent of the run's seed)")
     image_size: int = _key(28, "side length the 28x28 images are resized to")
-    mean: float = _key(0.2860, "normalisation mean of the pixel values scaled to 0..1 (FashionMNIST's)")
-    std: float = _key(0.3530, "normalisation standard deviation (FashionMNIST's)")
+    mean: float | None = _key(
+        None,
+        "normalisation mean of the pixel values scaled to 0..1; null: ImageNet's grey equivalent (0.449) for "
+        "pretrained regimes with torchvision weights, FashionMNIST's (0.2860) otherwise",
+    )
+    std: float | None = _key(
+        None, "normalisation standard deviation; null: 0.226 (ImageNet's) or 0.3530 (FashionMNIST's), as data.mean"
+    )
     augment: bool = _key(False, "random crop (padding 2) and horizontal flip on training batches")
     random_erasing: float = _key(
         0.0, "probability of erasing a random rectangle (2-33% of the image) of a training image, on the device"
@@ -122,8 +142,10 @@ class CompareConfig:
 
 @dataclass
 class TrainConfig:
-    regime: Literal["scratch", "pretrained", "frozen"] = _key(
-        "scratch", "scratch (random init), pretrained (fine-tune all) or frozen (train conv1 and fc only)"
+    regime: Literal["scratch", "pretrained", "frozen", "partial"] = _key(
+        "scratch",
+        "scratch (random init), pretrained (fine-tune all), frozen (train conv1 and fc only) or partial "
+        "(frozen plus model.unfreeze)",
     )
     epochs: int = _key(20, "training epochs")
     batch_size: int = _key(256, "training batch size per process (global batch = batch_size x world size)")
@@ -237,6 +259,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         setattr(target, leaf, _coerce(value, infos[key].type, key, origin))
     origins = {key: origin for key, (_, origin) in values.items()}
     validate(cfg, origins)
+    if cfg.data.mean is None or cfg.data.std is None:
+        mean, std = input_normalization(cfg.regime, cfg.model.weights)
+        cfg.data.mean = mean if cfg.data.mean is None else cfg.data.mean
+        cfg.data.std = std if cfg.data.std is None else cfg.data.std
     if cfg.output_dir is None:
         cfg.output_dir = str(Path("runs") / cfg.name)
     return cfg
@@ -376,18 +402,30 @@ def validate(cfg: TrainConfig, origins: dict[str, str] | None = None) -> None:
     require(8 <= cfg.data.image_size <= 512, "data.image_size", "between 8 and 512")
     require(cfg.data.train_size is None or cfg.data.train_size >= 1, "data.train_size", "at least 1 or null")
     require(cfg.data.test_size is None or cfg.data.test_size >= 1, "data.test_size", "at least 1 or null")
-    require(0.0 <= cfg.data.mean <= 1.0, "data.mean", "a value in 0..1")
-    require(math.isfinite(cfg.data.std) and cfg.data.std > 0, "data.std", "a positive number")
+    require(cfg.data.mean is None or 0.0 <= cfg.data.mean <= 1.0, "data.mean", "a value in 0..1 or null")
+    require(
+        cfg.data.std is None or (math.isfinite(cfg.data.std) and cfg.data.std > 0),
+        "data.std",
+        "a positive number or null",
+    )
+    require(bool(cfg.model.unfreeze), "model.unfreeze", "at least one module name (or bn)")
+    for name in cfg.model.unfreeze:
+        require(
+            re.fullmatch(UNFREEZABLE, name) is not None,
+            "model.unfreeze",
+            "names among bn, conv1, bn1, layer1..layer4 (or parts such as layer4.1, layer4.1.bn2), fc",
+        )
     require(cfg.data.num_workers >= 0, "data.num_workers", "0 or more")
     require(cfg.data.synthetic_seed >= 0, "data.synthetic_seed", "a non-negative integer")
     if cfg.data.source == "csv":
         require(cfg.data.train_csv is not None, "data.train_csv", "a CSV path when data.source is csv")
         require(cfg.data.test_csv is not None, "data.test_csv", "a CSV path when data.source is csv")
     require(cfg.progress_every > 0, "progress_every", "a positive number of seconds")
+    regimes = get_args(get_type_hints(TrainConfig)["regime"])
     require(
-        bool(cfg.compare.regimes) and set(cfg.compare.regimes) <= {"scratch", "pretrained", "frozen"},
+        bool(cfg.compare.regimes) and set(cfg.compare.regimes) <= set(regimes),
         "compare.regimes",
-        "a list drawn from pretrained, scratch, frozen",
+        f"a list drawn from {', '.join(regimes)}",
     )
     require(len(set(cfg.compare.regimes)) == len(cfg.compare.regimes), "compare.regimes", "no regime twice")
     require(cfg.compare.stand_in_epochs >= 1, "compare.stand_in_epochs", "at least 1")

@@ -1,9 +1,18 @@
-"""ResNet-18/34/50/101/152 with torchvision's parameter names, so ImageNet state dicts load strictly."""
+"""ResNet-18/34/50/101/152 with torchvision's parameter names, so ImageNet state dicts load strictly.
+
+Two stems: `imagenet` (7x7 stride-2 conv and a stride-2 max-pool, torchvision's and the
+tutorial's), which turns a 28x28 image into 7x7 before the first block and 1x1 by the last, and
+`cifar` (3x3 stride-1 conv, no max-pool), which keeps 28x28 for the first block and 4x4 for the
+last at about 14x the compute.
+"""
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 ARCHS = {
     # arch: (block, blocks per stage)
@@ -76,12 +85,13 @@ class ResNet(nn.Module):
         in_channels: int = 3,
         num_classes: int = 1000,
         width: int = 64,
+        stem: str = "imagenet",
     ):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, width, kernel_size=7, stride=2, padding=3, bias=False)
+        self.conv1 = stem_conv(stem, in_channels, width)
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1) if stem == "imagenet" else nn.Identity()
         self._in_planes = width
         self.layer1 = self._make_stage(block, width, blocks_per_stage[0], stride=1)
         self.layer2 = self._make_stage(block, width * 2, blocks_per_stage[1], stride=2)
@@ -125,14 +135,35 @@ class ResNet(nn.Module):
         return self
 
 
+def stem_conv(stem: str, in_channels: int, width: int) -> nn.Conv2d:
+    if stem == "imagenet":
+        return nn.Conv2d(in_channels, width, kernel_size=7, stride=2, padding=3, bias=False)
+    if stem == "cifar":
+        return _conv3x3(in_channels, width)
+    raise ValueError(f"unknown stem {stem!r}; expected imagenet or cifar")
+
+
 def init_conv(conv: nn.Conv2d) -> None:
     nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
 
 
-def resnet(arch: str, in_channels: int = 3, num_classes: int = 1000, width: int = 64) -> ResNet:
+def resnet(arch: str, in_channels: int = 3, num_classes: int = 1000, width: int = 64, stem: str = "imagenet") -> ResNet:
     kind, blocks_per_stage = ARCHS[arch]
     block = BasicBlock if kind == "basic" else BottleNeck
-    return ResNet(block, blocks_per_stage, in_channels=in_channels, num_classes=num_classes, width=width)
+    return ResNet(block, blocks_per_stage, in_channels=in_channels, num_classes=num_classes, width=width, stem=stem)
+
+
+def forward_gflops(model: nn.Module, in_channels: int, image_size: int) -> float:
+    """Multiply-adds x 2 of one image's forward pass, counted on shapes alone: the model runs on
+    stand-ins of its tensors on the meta device, so nothing is computed, copied or updated."""
+    stand_ins = {
+        name: torch.empty_like(tensor, device="meta")
+        for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers())
+    }
+    images = torch.empty(2, in_channels, image_size, image_size, device="meta")  # BatchNorm in training mode needs 2
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        torch.func.functional_call(model, stand_ins, (images,))
+    return counter.get_total_flops() / 2 / 1e9
 
 
 def resnet18(**kwargs) -> ResNet:

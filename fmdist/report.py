@@ -26,7 +26,7 @@ TRACKED_SUMMARY_KEYS = ("best_val_acc", "best_epoch", "final_val_acc", "final_tr
 OVERFIT_MARGIN = (0.02, 0.05)
 
 
-def run_summary(cfg, world_size: int, counts, history: list[dict], confusion, classes) -> dict:
+def run_summary(cfg, world_size: int, counts, history: list[dict], confusion, classes, gflops: float) -> dict:
     """The numbers a report needs from one finished run."""
     best = max(history, key=lambda r: r["val_acc"])
     lowest = min(history, key=lambda r: r["val_loss"])
@@ -36,6 +36,9 @@ def run_summary(cfg, world_size: int, counts, history: list[dict], confusion, cl
         "regime": cfg.regime,
         "arch": cfg.model.arch,
         "weights": None if cfg.regime == "scratch" else cfg.model.weights,
+        "stem": cfg.model.stem,
+        "image_size": cfg.data.image_size,
+        "forward_gflops_per_image": gflops,
         "world_size": world_size,
         "global_batch_size": cfg.batch_size * world_size,
         "trainable_params": counts.trainable,

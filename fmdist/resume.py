@@ -49,9 +49,13 @@ def fingerprint(cfg, world_size: int, mixed_precision: str, digest: str) -> dict
 
 
 def check_same_run(saved: dict[str, str], current: dict[str, str], path: Path) -> None:
-    differing = [key for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
+    # A key added to fmdist after the checkpoint was written is absent from its fingerprint; at its
+    # default it computes what the older version did, so only a non-default value differs.
+    defaults = {info.key: repr(info.default) for info in config_keys()}
+    saved = {key: saved.get(key, defaults.get(key)) for key in set(saved) | set(current)}
+    differing = [key for key in sorted(saved) if saved[key] != current.get(key)]
     if differing:
-        details = ", ".join(f"{key} ({saved.get(key, 'unset')} -> {current.get(key, 'unset')})" for key in differing)
+        details = ", ".join(f"{key} ({saved[key] or 'unset'} -> {current.get(key, 'unset')})" for key in differing)
         raise FmdistError(
             f"{path} belongs to a different run: {details}; restore those settings, or start afresh "
             "in another output_dir (or with resume=never overwrite=true)"

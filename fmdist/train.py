@@ -25,6 +25,7 @@ from fmdist.config import TrainConfig, keys_help, load_config, to_yaml
 from fmdist.data import eval_loader, load_splits, train_loader
 from fmdist.engine import EpochProgress, compute_dtypes, evaluate, train_one_epoch
 from fmdist.errors import FmdistError
+from fmdist.models import forward_gflops
 from fmdist.optim import build_ema, build_optimizer, build_scheduler
 from fmdist.outputs import (
     CHECKPOINT_DIR,
@@ -110,11 +111,19 @@ def in_memory_format(model, cfg):
     return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
 
 
+def log_model(cfg, model, counts) -> None:
+    """The model's size, and its cost, which grows with the stem's resolution and data.image_size."""
+    gflops = forward_gflops(model, cfg.model.in_channels, cfg.data.image_size)
+    log(f"fmdist: parameters: {counts.trainable:,} trainable / {counts.total:,} total")
+    size = cfg.data.image_size
+    log(f"fmdist: {cfg.model.stem} stem, {size}x{size} input: {gflops:.3f} GFLOPs per image forward")
+
+
 def _evaluate_only(cfg, runtime, folder: RunFolder, test_split, test_batches) -> dict:
     if (folder / EVAL_FILE).exists() and not cfg.overwrite:
         raise FmdistError(f"output_dir {folder.path} already holds {EVAL_FILE}; set overwrite=true to replace it")
     model, counts = build_model(cfg)
-    log(f"fmdist: parameters: {counts.trainable:,} trainable / {counts.total:,} total")
+    log_model(cfg, model, counts)
     model = runtime.accelerator.prepare(in_memory_format(model, cfg))
     bare_model = runtime.accelerator.unwrap_model(model, keep_torch_compile=False)
     transform = BatchTransform.from_config(cfg, runtime.rank, runtime.device)
@@ -142,7 +151,7 @@ def _train(cfg, runtime, folder: RunFolder, train_split, test_split, test_batche
 
     model, counts = build_model(cfg, initial_weights=plan.resume_from is None)
     model = in_memory_format(model, cfg)
-    log(f"fmdist: parameters: {counts.trainable:,} trainable / {counts.total:,} total")
+    log_model(cfg, model, counts)
     optimizer = build_optimizer(cfg.optimizer, model, cfg.batch_size * runtime.world_size)
     transform = BatchTransform.from_config(cfg, runtime.rank, runtime.device)
     run_fingerprint = fingerprint(
@@ -287,7 +296,8 @@ def _train(cfg, runtime, folder: RunFolder, train_split, test_split, test_batche
 
 def _write_final_outputs(cfg, runtime, folder: RunFolder, bare_model, history, final, counts, classes, tracker):
     """model.pt, curves.png, confusion.png and summary.json; then the W&B run's images and summary."""
-    summary = run_summary(cfg, runtime.world_size, counts, history, final.confusion, classes)
+    gflops = forward_gflops(bare_model, cfg.model.in_channels, cfg.data.image_size)
+    summary = run_summary(cfg, runtime.world_size, counts, history, final.confusion, classes, gflops)
     summary.update(distributed.peak_memory_mb(runtime.device))
 
     def write():

@@ -75,7 +75,10 @@ CASES = {
         lambda t: ["--config-file", _yaml(t, "optimiser:\n  lr: 0.1\n")], "unknown key 'optimiser.lr'; did you mean 'optimizer.lr'?"),
     "config: wrong type": Case(lambda t: ["epochs=three"], "key 'epochs': expected an integer, got 'three'"),
     "config: impossible value": Case(lambda t: ["optimizer.lr=-1"], "key 'optimizer.lr': expected a positive number"),
-    "config: unknown choice": Case(lambda t: ["regime=froze"], "key 'regime': expected one of scratch|pretrained|frozen, got 'froze' (did you mean 'frozen'?)"),
+    "config: unknown choice": Case(lambda t: ["regime=froze"], "key 'regime': expected one of scratch|pretrained|frozen|partial, got 'froze' (did you mean 'frozen'?)"),
+    "config: unfreezing a module the model lacks": Case(
+        lambda t: ["regime=partial", f"model.weights={_weights(t)}", "model.unfreeze=[layer4.2]"],
+        "model.unfreeze: ResNet has no module 'layer4.2'"),
     "config: file missing": Case(lambda t: ["--config-file", str(t / "nope.yaml")], "nope.yaml: config file not found"),
     "csv: file missing": Case(csv_case(lambda t: t / "missing.csv"), "missing.csv: CSV file not found"),
     "csv: empty file": Case(csv_case(lambda t: _text(t / "bad.csv", "")), "bad.csv: empty file"),

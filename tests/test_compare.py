@@ -11,6 +11,7 @@ from fmdist.report import RunResult, analysis, overfitting_sentence
 from helpers import CONFIGS, REPO, read_history, run_command
 
 REGIMES = ["pretrained", "scratch", "frozen"]
+ALL_REGIMES = [*REGIMES, "partial"]
 
 
 def compare_command(*args: str) -> list[str]:
@@ -29,7 +30,7 @@ def table_rows(report: str) -> dict[str, list[str]]:
     rows = {}
     for line in report.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
-        if cells and cells[0] in REGIMES and len(cells) == 9:
+        if cells and cells[0] in ALL_REGIMES and len(cells) == 9:
             rows[cells[0]] = cells
     return rows
 
@@ -120,6 +121,22 @@ def test_comparison_with_two_processes_per_regime_runs_torchrun_jobs(tmp_path):
         assert summary["world_size"] == 2 and summary["global_batch_size"] == 128
         assert read_history(out / regime)[0]["val_count"] == 101
     assert list(table_rows((out / "report.md").read_text())) == ["scratch", "frozen"]
+
+
+def test_partial_fine_tuning_is_compared_as_its_own_regime(tmp_path):
+    out = tmp_path / "partial"
+    run_command(compare_command("--output-dir", str(out), "epochs=1", "compare.stand_in_epochs=1",
+                                "data.train_size=512", "data.test_size=100", "compare.regimes=[frozen,partial]",
+                                "model.unfreeze=[layer4,bn]"), cwd=REPO, timeout=600)  # fmt: skip
+    report = (out / "report.md").read_text()
+    rows = table_rows(report)
+    assert list(rows) == ["frozen", "partial"]
+    trainable = {regime: int(rows[regime][6].split(" / ")[0].replace(",", "")) for regime in rows}
+    assert trainable["frozen"] < trainable["partial"]
+    partial = json.loads((out / "partial" / "summary.json").read_text())
+    assert partial["regime"] == "partial" and partial["trainable_params"] == trainable["partial"]
+    assert "Smoke run: frozen and partial start from stand-in weights" in report
+    assert re.search(r"- \*\*partial\*\* (started to overfit|shows no overfitting|levelled off)", report)
 
 
 # ------------------------------------------------------------------------------ analysis rules

@@ -13,7 +13,7 @@ from fmdist.errors import FmdistError
 from helpers import CONFIGS, REPO
 
 
-@pytest.mark.parametrize("name", ["base", "scratch", "pretrained", "frozen", "smoke"])
+@pytest.mark.parametrize("name", ["base", "scratch", "pretrained", "frozen", "partial", "smoke"])
 def test_shipped_configs_load(name):
     cfg = load_config(CONFIGS / f"{name}.yaml")
     assert cfg.output_dir == f"runs/{name}"
@@ -27,11 +27,9 @@ def test_the_tutorial_defaults():
 
 
 def test_regime_files_set_their_regime():
-    assert [load_config(CONFIGS / f"{r}.yaml").regime for r in ("scratch", "pretrained", "frozen")] == [
-        "scratch",
-        "pretrained",
-        "frozen",
-    ]
+    regimes = ("scratch", "pretrained", "frozen", "partial")
+    assert [load_config(CONFIGS / f"{r}.yaml").regime for r in regimes] == list(regimes)
+    assert load_config(CONFIGS / "partial.yaml").model.unfreeze == ["layer4"]
     assert load_config(CONFIGS / "smoke.yaml").data.source == "synthetic"
 
 
@@ -89,7 +87,7 @@ def write(tmp_path, text):
         (
             "",
             ["regime=froze"],
-            r"key 'regime': expected one of scratch\|pretrained\|frozen, got 'froze' \(did you mean 'frozen'\?\)",
+            r"key 'regime': expected one of scratch\|pretrained\|frozen\|partial, got 'froze' \(did you mean 'frozen'\?\)",
         ),
         ("", ["model.arch=resnet20"], r"key 'model.arch': expected one of resnet18\|resnet34"),
         ("optimizer:\n  lr: -0.1\n", [], r"c.yaml: key 'optimizer.lr': expected a positive number, got -0.1"),

@@ -166,6 +166,20 @@ def test_a_finished_run_rerun_is_complete_and_can_be_extended(tmp_path):
     assert [r["epoch"] for r in read_history(out)] == [1, 2, 3]
 
 
+def test_a_checkpoint_from_before_a_key_existed_resumes_at_its_default_and_not_otherwise(tmp_path):
+    out = tmp_path / "run"
+    train(tmp_path, *SMALL, "epochs=2", "model.stem=imagenet", f"output_dir={out}")
+    for path in (out / "checkpoints").glob("epoch-*.pt"):  # as written before model.stem was added
+        checkpoint = torch.load(path, weights_only=True)
+        del checkpoint["fingerprint"]["model.stem"]
+        torch.save(checkpoint, path)
+    changed = train(tmp_path, *SMALL, "epochs=3", "model.stem=cifar", f"output_dir={out}", check=False)
+    assert changed.returncode != 0
+    assert "belongs to a different run: model.stem ('imagenet' -> 'cifar')" in changed.stderr
+    longer = train(tmp_path, *SMALL, "epochs=3", f"output_dir={out}")
+    assert "resuming from" in longer.stdout and [r["epoch"] for r in read_history(out)] == [1, 2, 3]
+
+
 def test_keeps_the_last_k_checkpoints_and_the_best(tmp_path):
     out = tmp_path / "run"
     train(tmp_path, *SMALL, "epochs=4", "keep_checkpoints=2", f"output_dir={out}")

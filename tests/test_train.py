@@ -222,6 +222,7 @@ def test_evaluation_counts_every_test_image_once_for_any_world_size(tmp_path, tr
         f"data.train_csv={train_csv}",
         f"data.test_csv={test_csv}",
         "eval_batch_size=16",
+        "mixed_precision=no",  # the reference computes in fp32; auto is bf16 on CPUs with bf16 units
         f"output_dir={out}",
         nproc=nproc,
     )

@@ -45,7 +45,8 @@ def test_named_weights_are_read_from_the_torch_home_hub_cache(torch_home):
     model, counts = build_model(pretrained_cfg(**{"model.weights": "IMAGENET1K_V1"}))
 
     assert torch.equal(model.layer3[1].conv2.weight, state["layer3.1.conv2.weight"])
-    assert torch.equal(model.bn1.running_mean, state["bn1.running_mean"])
+    assert torch.equal(model.layer1[0].bn1.running_mean, state["layer1.0.bn1.running_mean"])
+    assert torch.equal(model.bn1.running_var, state["bn1.running_var"])  # (its mean absorbs the normalisation)
     assert model.conv1.weight.shape == (64, 1, 7, 7) and model.fc.weight.shape == (10, 512)
     assert counts.trainable == counts.total
 
