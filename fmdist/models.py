@@ -91,7 +91,7 @@ class ResNet(nn.Module):
         self.conv1 = stem_conv(stem, in_channels, width)
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1) if stem == "imagenet" else nn.Identity()
+        self.maxpool = stem_pool(stem)
         self._in_planes = width
         self.layer1 = self._make_stage(block, width, blocks_per_stage[0], stride=1)
         self.layer2 = self._make_stage(block, width * 2, blocks_per_stage[1], stride=2)
@@ -141,6 +141,10 @@ def stem_conv(stem: str, in_channels: int, width: int) -> nn.Conv2d:
     if stem == "cifar":
         return _conv3x3(in_channels, width)
     raise ValueError(f"unknown stem {stem!r}; expected imagenet or cifar")
+
+
+def stem_pool(stem: str) -> nn.Module:
+    return nn.MaxPool2d(kernel_size=3, stride=2, padding=1) if stem == "imagenet" else nn.Identity()
 
 
 def init_conv(conv: nn.Conv2d) -> None:

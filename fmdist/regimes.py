@@ -23,7 +23,7 @@ from torch import nn
 
 from fmdist import distributed
 from fmdist.errors import FmdistError
-from fmdist.models import init_conv, resnet, stem_conv
+from fmdist.models import init_conv, resnet, stem_conv, stem_pool
 from fmdist.weights import fetch_weights_file, is_local_path, load_into, load_state_dict_file
 
 FROZEN_TRAINABLE_MODULES = ("conv1", "fc")
@@ -80,8 +80,7 @@ def adapt_stem_and_head(
     else:
         init_conv(new)
     model.conv1 = new
-    if stem == "cifar":
-        model.maxpool = nn.Identity()
+    model.maxpool = stem_pool(stem)  # the source may have the other stem
     model.fc = nn.Linear(model.fc.in_features, num_classes)
 
 

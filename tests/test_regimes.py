@@ -174,6 +174,8 @@ def test_a_cifar_stem_run_can_start_a_pretrained_one(tmp_path, imagenet_file):
     model, _ = build_model(regime_cfg("frozen", path, **{"model.stem": "cifar"}))
     torch.testing.assert_close(model.conv1.weight, scratch.conv1.weight)  # 1 channel, same statistics
     assert torch.equal(model.layer3[0].conv2.weight, scratch.layer3[0].conv2.weight)
+    imagenet_stem, _ = build_model(regime_cfg("frozen", path, **{"model.stem": "imagenet"}))
+    assert imagenet_stem.conv1.weight.shape == (64, 1, 7, 7) and isinstance(imagenet_stem.maxpool, nn.MaxPool2d)
 
 
 @pytest.mark.parametrize(
