@@ -256,6 +256,9 @@ def _train(cfg, runtime, folder: RunFolder, train_split, test_split, test_batche
             path = save_checkpoint(Position(epoch - 1, trained.step), trained, periodic=True, best=False)
             raise Checkpointed(_stopped_message(stop, f"epoch {epoch}, step {trained.step}", path))
         log(f"Epoch: {epoch} \tTraining Loss: {trained.loss:.6f}")
+        # Each rank's last step updated its BatchNorm statistics from its own batch; evaluate
+        # with rank 0's, the ones DDP broadcasts at the next step and the checkpoint saves.
+        distributed.copy_buffers_from_main(bare_model)
         validated = evaluate(bare_model, test_batches, transform, accelerator, num_classes, cfg.eval_flip)
         log(f"Epoch: {epoch} \tValidation Loss: {validated.loss:.6f}, Accuracy: {validated.accuracy:.6f}")
         history.append(
@@ -271,8 +274,7 @@ def _train(cfg, runtime, folder: RunFolder, train_split, test_split, test_batche
             }
         )
         if ema is not None:
-            # Ranks average their own BatchNorm statistics; evaluate (and later save) rank 0's.
-            distributed.copy_buffers_from_main(ema.module)
+            distributed.copy_buffers_from_main(ema.module)  # as for the raw model above
             averaged = evaluate(ema.module, test_batches, transform, accelerator, num_classes, cfg.eval_flip)
             log(f"Epoch: {epoch} \tEMA Validation Loss: {averaged.loss:.6f}, Accuracy: {averaged.accuracy:.6f}")
             history[-1].update(ema_val_loss=averaged.loss, ema_val_acc=averaged.accuracy)

@@ -131,10 +131,20 @@ def test_cifar_stem_from_pretrained_filters_keeps_each_filter_sum():
     assert pretrained.eval()(torch.randn(2, 1, 28, 28)).shape == (2, 10)
 
 
-def test_random_stem_is_newly_initialised():
-    torch.manual_seed(0)
-    pretrained = models.resnet18()
-    summed = pretrained.conv1.weight.detach().sum(1, keepdim=True)
-    adapt_stem_and_head(pretrained, in_channels=1, num_classes=10, stem_init="random")
-    assert pretrained.conv1.weight.shape == (64, 1, 7, 7)
-    assert not torch.equal(pretrained.conv1.weight.detach(), summed)
+def test_random_stem_is_newly_initialised_and_leaves_the_pretrained_bn1_alone():
+    source = imagenet_like_resnet18()
+    running_mean = source.bn1.running_mean.clone()
+    from_filters, random = copy.deepcopy(source), copy.deepcopy(source)
+    adapt_stem_and_head(from_filters, 1, 10, "rgb_sum", "imagenet", (0.449, 0.226))
+    torch.manual_seed(1)
+    adapt_stem_and_head(random, 1, 10, "random", "imagenet", (0.449, 0.226))
+    torch.manual_seed(1)
+    expected = nn.Conv2d(1, 64, 7, 2, 3, bias=False)
+    models.init_conv(expected)
+
+    assert random.conv1.weight.shape == (64, 1, 7, 7)
+    assert torch.equal(random.conv1.weight, expected.weight)  # kaiming initialisation, nothing of the source
+    assert not torch.allclose(random.conv1.weight, from_filters.conv1.weight, atol=1e-3)
+    assert torch.equal(random.bn1.running_mean, running_mean)  # no offset folded in for random filters
+    assert not torch.equal(from_filters.bn1.running_mean, running_mean)
+    assert torch.equal(random.layer1[0].conv1.weight, source.layer1[0].conv1.weight)

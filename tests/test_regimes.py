@@ -66,6 +66,32 @@ def test_frozen_epoch_changes_conv1_and_fc_only_and_no_batchnorm_statistics(imag
     assert counts.total == sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.parametrize("regime", ["pretrained", "frozen"])
+def test_stem_init_from_the_config_builds_conv1_from_the_weights_or_at_random(imagenet_file, regime):
+    source = torchvision.models.resnet18()
+    source.load_state_dict(torch.load(imagenet_file, weights_only=True))
+    configs = {
+        stem_init: regime_cfg(regime, imagenet_file, **{"model.stem_init": stem_init})
+        for stem_init in ("rgb_sum", "random")
+    }
+    built = {stem_init: build_model(cfg)[0] for stem_init, cfg in configs.items()}
+    grey = torch.rand(2, 1, 28, 28)
+    mean, std = configs["rgb_sum"].data.mean, configs["rgb_sum"].data.std  # resolved from the weights
+    imagenet_mean, imagenet_std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    colour = (grey.expand(-1, 3, -1, -1) - torch.tensor(imagenet_mean).view(1, 3, 1, 1)) / torch.tensor(
+        imagenet_std
+    ).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = source.eval().bn1(source.conv1(colour))
+        from_filters = built["rgb_sum"].eval().bn1(built["rgb_sum"].conv1((grey - mean) / std))
+        at_random = built["random"].eval().bn1(built["random"].conv1((grey - mean) / std))
+    inner = (slice(None), slice(None), slice(2, -2), slice(2, -2))  # away from the zero-padded border
+    torch.testing.assert_close(from_filters[inner], expected[inner], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(at_random[inner], expected[inner], atol=0.1)
+    assert torch.equal(built["random"].bn1.running_mean, source.bn1.running_mean)
+    assert torch.equal(built["random"].layer1[0].conv1.weight, source.layer1[0].conv1.weight)
+
+
 def test_frozen_optimizer_holds_only_trainable_parameters_and_batchnorm_stays_in_eval(imagenet_file):
     model, _ = build_model(regime_cfg("frozen", imagenet_file))
     optimizer = build_optimizer(load_config(None).optimizer, model)

@@ -73,9 +73,10 @@ def test_smoke_run_learns_the_synthetic_task_and_writes_every_output(tmp_path):
 
 def test_torchrun_two_processes_learn_and_only_rank_zero_prints(tmp_path):
     out = tmp_path / "ddp"
-    result = train(tmp_path, *SMOKE, f"output_dir={out}", nproc=2)
+    result = train(tmp_path, *SMOKE, "data.test_size=499", f"output_dir={out}", nproc=2)
     history = read_history(out)
-    assert history[-1]["val_acc"] >= 0.95 and history[-1]["val_count"] == 500
+    assert history[-1]["val_acc"] >= 0.95
+    assert [record["val_count"] for record in history] == [499] * 4  # no sampler padding counted
     assert "2 process(es)" in result.stdout and "batch 64 per process (128 global)" in result.stdout
     for epoch in range(1, 5):
         assert len(lines_starting(result.stdout, f"Epoch: {epoch} \tTraining Loss")) == 1
@@ -123,27 +124,34 @@ def test_two_torchrun_nodes_with_c10d_rendezvous_equal_one_node_with_two_process
     ]
 
 
-def accelerate_launch(tmp_path, config_file, *args, extra=()):
+def accelerate_launch(tmp_path, launch_flags, *args):
     command = [
         sys.executable,
         "-m",
         "accelerate.commands.launch",
-        "--config_file",
-        str(REPO / "launch/accelerate" / config_file),
+        *launch_flags,
         "--main_process_port",
         str(free_port()),
-        *extra,
         "-m",
         "fmdist.train",
         *args,
     ]
-    return run_command(command, cwd=tmp_path)
+    # HF_HOME: no accelerate config of this machine's user applies to the flag-only launch
+    return run_command(command, cwd=tmp_path, env={"HF_HOME": str(tmp_path / "hf")})
 
 
-@pytest.mark.parametrize("config_file, processes", [("cpu.yaml", 1), ("multi_process.yaml", 2)])
-def test_accelerate_launch_runs_one_cpu_process_or_two_gloo_processes(tmp_path, config_file, processes):
+@pytest.mark.parametrize(
+    "launch_flags, processes",
+    [
+        (["--config_file", str(REPO / "launch/accelerate/cpu.yaml")], 1),
+        (["--config_file", str(REPO / "launch/accelerate/multi_process.yaml")], 2),
+        (["--multi_gpu", "--num_processes", "2"], 2),  # the README's form without a config file
+    ],
+    ids=["cpu.yaml", "multi_process.yaml", "multi_gpu-flag"],
+)
+def test_accelerate_launch_runs_one_cpu_process_or_two_gloo_processes(tmp_path, launch_flags, processes):
     out = tmp_path / "acc"
-    result = accelerate_launch(tmp_path, config_file, *SMOKE, "epochs=1", f"output_dir={out}")
+    result = accelerate_launch(tmp_path, launch_flags, *SMOKE, "epochs=1", f"output_dir={out}")
     assert f"{processes} process(es) on cpu" in result.stdout
     assert len(lines_starting(result.stdout, "Epoch: 1 \tValidation Loss")) == 1
     assert read_history(out)[0]["val_count"] == 500
@@ -232,6 +240,24 @@ def test_evaluation_counts_every_test_image_once_for_any_world_size(tmp_path, tr
     assert result["val_acc"] == pytest.approx(expected_acc, abs=1e-12)
     assert result["val_loss"] == pytest.approx(expected_loss, rel=1e-5)
     assert 0.3 < result["val_acc"] < 1.0, "weights should be trained but imperfect, or the check is weak"
+
+
+def test_evaluation_after_each_epoch_counts_every_image_once_under_three_processes(tmp_path):
+    """The per-epoch validation of a 3-process run equals a 1-process evaluation of its weights."""
+    common = (*SMOKE, "epochs=1", "data.test_size=101", "mixed_precision=no", "eval_batch_size=8")
+    train(tmp_path, *common, f"output_dir={tmp_path / 'three'}", nproc=3)
+    (record,) = read_history(tmp_path / "three")
+    train(
+        tmp_path,
+        *common,
+        "eval_only=true",
+        f"model.init_from={tmp_path / 'three' / 'model.pt'}",
+        f"output_dir={tmp_path / 'one'}",
+    )
+    single = json.loads((tmp_path / "one" / "eval.json").read_text())
+    assert record["val_count"] == single["val_count"] == 101
+    assert record["val_acc"] == pytest.approx(single["val_acc"], abs=1e-12)
+    assert record["val_loss"] == pytest.approx(single["val_loss"], rel=1e-5)
 
 
 # ------------------------------------------------------------------------------- mixed precision
@@ -386,8 +412,9 @@ def test_pretrained_offline_without_cache_fails_once_on_rank_zero(tmp_path):
 # --------------------------------------------------------------------------- real data, run folder
 
 
-def test_real_sample_reaches_65_percent(tmp_path, real_csv_split):
+def test_real_sample_reaches_65_percent(tmp_path, real_csv_split, real_sample):
     train_csv, test_csv = real_csv_split
+    held_out = len(real_sample[1]) - 800
     out = tmp_path / "real"
     train(
         tmp_path,
@@ -402,7 +429,7 @@ def test_real_sample_reaches_65_percent(tmp_path, real_csv_split):
         timeout=600,
     )
     history = read_history(out)
-    assert history[0]["val_count"] == 200
+    assert [r["val_count"] for r in history] == [held_out] * 6
     assert max(r["val_acc"] for r in history) >= 0.65, [r["val_acc"] for r in history]
 
 
