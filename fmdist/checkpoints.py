@@ -81,9 +81,15 @@ class CheckpointStore:
         return written[-1] if written else None
 
     def latest_readable(self, warn: Callable[[str], None]) -> tuple[Path, dict] | None:
-        """The newest checkpoint that loads; each unreadable newer one is reported through `warn`."""
-        candidates = list(reversed(self.saved()))
+        """The newest checkpoint that loads, best.pt included (with checkpoint_every > 1 it can be
+        newer than every periodic file); each unreadable newer one is reported through `warn`."""
+        best = self._readable_best(warn)
+        candidates = [(position, path) for position, path in reversed(self.saved()) if not best or position >= best[0]]
+        if best:
+            candidates.append((best[0], self.folder / BEST_FILE))
         for index, (_, path) in enumerate(candidates):
+            if best and path.name == BEST_FILE:
+                return path, best[1]
             try:
                 return path, load_checkpoint(path)
             except FmdistError as e:
@@ -91,10 +97,30 @@ class CheckpointStore:
                 warn(f"skipping checkpoint {e}; {fallback}")
         return None
 
-    def clear(self) -> None:
-        for _, path in self.saved():
-            path.unlink()
-        (self.folder / BEST_FILE).unlink(missing_ok=True)
+    def _readable_best(self, warn: Callable[[str], None]) -> tuple[Position, dict] | None:
+        path = self.folder / BEST_FILE
+        if not path.is_file():
+            return None
+        try:
+            data = load_checkpoint(path)
+        except FmdistError as e:
+            warn(f"skipping checkpoint {e}")
+            return None
+        return Position(data["epoch"], data["step"]), data
+
+    def files(self) -> list[Path]:
+        """Every checkpoint file: the periodic ones oldest first, then best.pt."""
+        best = self.folder / BEST_FILE
+        return [path for _, path in self.saved()] + ([best] if best.is_file() else [])
+
+    def holds_any(self) -> bool:
+        return bool(self.files())
+
+    def clear(self, keep: Path | None = None) -> None:
+        """Delete every checkpoint but `keep` (a checkpoint the replacing run starts from)."""
+        for path in self.files():
+            if keep is None or not path.samefile(keep):
+                path.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: Path) -> dict:

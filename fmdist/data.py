@@ -33,6 +33,9 @@ FASHION_MNIST_CLASSES = (
 )
 FASHION_MNIST_SIZES = {"train": 60000, "test": 10000}
 IMAGE_SIDE = 28
+# BatchNorm in training mode normalises each channel over the batch: one image at 28x28 leaves it one
+# value per channel in the last stage's 1x1 maps, and it fails ("Expected more than 1 value per channel").
+MIN_TRAIN_BATCH = 2
 
 
 @dataclass
@@ -217,9 +220,17 @@ class DeviceBatches:
 
 def train_loader(split: ImageSplit, batch_size: int, seed: int, data_cfg, device: torch.device):
     world, rank = distributed.world_size(), distributed.rank()
-    if len(split) < world:
-        raise FmdistError(f"{split.origin}: {len(split)} training images cannot be shared by {world} processes")
     shard = math.ceil(len(split) / world)
+    if shard < MIN_TRAIN_BATCH:
+        raise FmdistError(
+            f"{split.origin}: {len(split)} training images cannot be shared by {world} processes: each process "
+            f"needs at least {MIN_TRAIN_BATCH}, as BatchNorm cannot train on one image"
+        )
+    if batch_size < MIN_TRAIN_BATCH:
+        raise FmdistError(
+            f"key 'batch_size': expected at least {MIN_TRAIN_BATCH} for training (BatchNorm cannot train on a "
+            f"batch of one image), got {batch_size}"
+        )
     if batch_size > shard:
         raise FmdistError(
             f"batch_size={batch_size} is larger than each process's share of {split.origin} "

@@ -13,6 +13,7 @@ import os
 import random
 import resource
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -57,6 +58,12 @@ def main_print(*args, file=None, **kwargs) -> None:
 
 def warn(message: str) -> None:
     main_print(f"fmdist: warning: {message}", file=sys.stderr)
+
+
+def silence_library_warnings_off_main() -> None:
+    """Only rank 0 speaks: the other ranks would repeat each library warning once per process."""
+    if not is_main_process():
+        warnings.filterwarnings("ignore")
 
 
 def _all_reduce(values: list[float], op: str) -> list[float]:
@@ -224,6 +231,7 @@ def setup(cfg) -> Runtime:
     """Start the process group and device through Accelerate, seed every library."""
     from accelerate import Accelerator
 
+    silence_library_warnings_off_main()
     use_cpu = cfg.cpu or not torch.cuda.is_available()
     precision = resolve_mixed_precision(cfg.mixed_precision, "cpu" if use_cpu else "cuda")
     if world_size() > 1 and "MASTER_ADDR" in os.environ and not _initialized():

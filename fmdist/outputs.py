@@ -22,6 +22,7 @@ SAMPLES_FILE = "samples.png"
 CURVES_FILE = "curves.png"
 CONFUSION_FILE = "confusion.png"
 SUMMARY_FILE = "summary.json"
+WANDB_RUN_ID_FILE = "wandb-run-id"  # a resumed run continues its W&B run; a replaced one starts a new one
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -74,7 +75,7 @@ class RunFolder:
 
     def remove_results(self) -> None:
         """Delete an earlier run's results before a fresh run replaces them (overwrite=true)."""
-        for name in (HISTORY_FILE, WEIGHTS_FILE, CURVES_FILE, CONFUSION_FILE, SUMMARY_FILE):
+        for name in (HISTORY_FILE, WEIGHTS_FILE, CURVES_FILE, CONFUSION_FILE, SUMMARY_FILE, WANDB_RUN_ID_FILE):
             (self.path / name).unlink(missing_ok=True)
 
     def write_text(self, name: str, text: str) -> None:

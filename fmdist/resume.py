@@ -13,7 +13,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from fmdist.checkpoints import CheckpointStore, load_checkpoint
+from fmdist.checkpoints import CheckpointStore, Position, load_checkpoint
 from fmdist.config import config_keys
 from fmdist.errors import FmdistError
 from fmdist.outputs import HISTORY_FILE, WEIGHTS_FILE, RunFolder
@@ -76,23 +76,20 @@ def plan_start(cfg, folder: RunFolder, store: CheckpointStore, restarted: bool) 
     if restarted and mode == "never":
         notes.append("restarted after a failure: resuming from the latest checkpoint although resume=never")
         mode = "auto"
-    if mode not in ("auto", "never"):
-        path = Path(mode)
-        if not path.is_file():
-            raise FmdistError(f"resume: checkpoint {path} not found")
-        load_checkpoint(path)  # a bad file named by the user is an error, not something to skip
-        return StartPlan(path, False, notes)
-
-    has_checkpoints = bool(store.saved())
+    has_checkpoints = store.holds_any()
     finished = (folder / WEIGHTS_FILE).exists()
     started = has_checkpoints or finished or (folder / HISTORY_FILE).exists()
+    if mode not in ("auto", "never"):
+        return _plan_from_named_checkpoint(Path(mode), cfg, folder, store, started, restarted, notes)
+
     if mode == "auto" and has_checkpoints:
         latest = store.latest_readable(notes.append)
         if latest is not None:
             return StartPlan(latest[0], False, notes)
         if not cfg.overwrite:
+            names = ", ".join(path.name for path in store.files())
             raise FmdistError(
-                f"output_dir {folder.path}: no readable checkpoint in {store.folder}; "
+                f"output_dir {folder.path}: no readable checkpoint in {store.folder} ({names} unreadable); "
                 "set overwrite=true to start afresh"
             )
     if mode == "auto" and not finished and not has_checkpoints and started:
@@ -105,3 +102,29 @@ def plan_start(cfg, folder: RunFolder, store: CheckpointStore, restarted: bool) 
             f"output_dir {folder.path} already holds {what} ({reason}); choose another output_dir or set overwrite=true"
         )
     return StartPlan(None, started, notes)
+
+
+def _plan_from_named_checkpoint(
+    path: Path, cfg, folder: RunFolder, store: CheckpointStore, started: bool, restarted: bool, notes: list[str]
+) -> StartPlan:
+    """resume=PATH: continue from PATH into output_dir. Once output_dir holds later checkpoints of
+    the same run (the same command rerun after a stop, a restart or a requeue), those continue it."""
+    if not path.is_file():
+        raise FmdistError(f"resume: checkpoint {path} not found")
+    named = load_checkpoint(path)  # a bad file named by the user is an error, not something to skip
+    if not started or (cfg.overwrite and not restarted):  # a restarted attempt keeps what the first saved
+        return StartPlan(path, started, notes)
+    latest = store.latest_readable(notes.append)
+    if latest is not None and latest[1]["fingerprint"] == named["fingerprint"]:
+        if _position(latest[1]) > _position(named):
+            notes.append(f"output_dir {folder.path} already continues {path}: resuming from {latest[0]}")
+            return StartPlan(latest[0], False, notes)
+        return StartPlan(path, False, notes)
+    raise FmdistError(
+        f"output_dir {folder.path} already holds another run than {path}; resume into an empty "
+        "output_dir, or set overwrite=true to replace that run"
+    )
+
+
+def _position(checkpoint: dict) -> Position:
+    return Position(checkpoint["epoch"], checkpoint["step"])

@@ -14,8 +14,8 @@ from urllib.parse import urlparse
 
 from fmdist import distributed
 from fmdist.config import to_dict
+from fmdist.outputs import WANDB_RUN_ID_FILE
 
-RUN_ID_FILE = "wandb-run-id"
 _SECRET_WORDS = ("key", "token", "secret", "password")
 
 
@@ -69,7 +69,7 @@ class Tracker:
             return cls()
         import wandb
 
-        id_file = Path(output_dir) / RUN_ID_FILE
+        id_file = Path(output_dir) / WANDB_RUN_ID_FILE
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id + "\n")
         run = wandb.init(

@@ -7,6 +7,7 @@ Runs the same as one plain process, under `torchrun --nproc_per_node=N` and unde
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 
@@ -23,7 +24,7 @@ from fmdist.checkpoints import (
 )
 from fmdist.config import TrainConfig, keys_help, load_config, to_yaml
 from fmdist.data import eval_loader, load_splits, train_loader
-from fmdist.engine import EpochProgress, compute_dtypes, evaluate, train_one_epoch
+from fmdist.engine import EpochProgress, TrainingDiverged, compute_dtypes, evaluate, train_one_epoch
 from fmdist.errors import FmdistError
 from fmdist.models import forward_gflops
 from fmdist.optim import build_ema, build_optimizer, build_scheduler
@@ -52,10 +53,9 @@ log = distributed.main_print
 
 class _RankZeroArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
-        if distributed.is_main_process():
-            self.print_usage(sys.stderr)
-            print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
+        # One line like every other bad input, instead of argparse's usage block.
+        distributed.main_print(f"fmdist: error: {message}; see {self.prog} --help", file=sys.stderr)
+        sys.exit(FmdistError.exit_code)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -169,7 +169,7 @@ def _train(cfg, runtime, folder: RunFolder, train_split, test_split, test_batche
     def write_run_description():
         folder.remove_unfinished_writes()
         if plan.replaces_earlier_run:
-            store.clear()
+            store.clear(keep=plan.resume_from)
             folder.remove_results()
         folder.write_text(CONFIG_FILE, to_yaml(cfg))
         plots.save_samples_grid(train_split.images, train_split.labels, train_split.classes, folder / SAMPLES_FILE)
@@ -260,6 +260,11 @@ def _train(cfg, runtime, folder: RunFolder, train_split, test_split, test_batche
         # with rank 0's, the ones DDP broadcasts at the next step and the checkpoint saves.
         distributed.copy_buffers_from_main(bare_model)
         validated = evaluate(bare_model, test_batches, transform, accelerator, num_classes, cfg.eval_flip)
+        if not math.isfinite(validated.loss):  # the epoch's last step broke the weights: save nothing of them
+            raise TrainingDiverged(
+                f"validation loss is {validated.loss} after epoch {epoch}; stopped without saving, "
+                "the checkpoints written before stay"
+            )
         log(f"Epoch: {epoch} \tValidation Loss: {validated.loss:.6f}, Accuracy: {validated.accuracy:.6f}")
         history.append(
             {

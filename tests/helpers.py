@@ -10,6 +10,7 @@ import struct
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +89,70 @@ def train(
     tmp_path: Path, *args: str, nproc: int | None = None, env: dict | None = None, check=True, timeout=LAUNCH_TIMEOUT
 ):
     return run_command(train_command(*args, nproc=nproc), cwd=tmp_path, env=env, check=check, timeout=timeout)
+
+
+@dataclass
+class RankOutcome:
+    rank: int
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def train_ranks(
+    tmp_path: Path, *args: str, nproc: int, env: dict | None = None, timeout: float = LAUNCH_TIMEOUT
+) -> list[RankOutcome]:
+    """`python -m fmdist.train ARGS` as `nproc` processes started directly, as torchrun would set them up.
+
+    Not under torchrun itself, which ends the other workers as soon as one fails: here each rank
+    must end on its own, and its exit code and output are its own. Output goes to files (a full
+    pipe would block a rank nobody is reading yet). If any rank is still running after `timeout`
+    seconds, every rank is killed and the test fails naming the ones that hung.
+    """
+    logs = tmp_path / "rank-logs"
+    logs.mkdir(exist_ok=True)
+    port = free_port()
+    processes = []
+    for rank in range(nproc):
+        rank_env = {
+            **(env or {}),
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(nproc),
+            "LOCAL_WORLD_SIZE": str(nproc),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+        with open(logs / f"{rank}.stdout", "w") as stdout, open(logs / f"{rank}.stderr", "w") as stderr:
+            processes.append(
+                subprocess.Popen(
+                    train_command(*args),
+                    cwd=tmp_path,
+                    env=launch_env(rank_env),
+                    stdout=stdout,
+                    stderr=stderr,
+                    start_new_session=True,
+                )
+            )
+    try:
+        deadline = time.monotonic() + timeout
+        while any(p.poll() is None for p in processes) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        hung = [rank for rank, process in enumerate(processes) if process.poll() is None]
+        for rank in hung:
+            kill_tree(processes[rank])
+            processes[rank].wait()
+    outcomes = [
+        RankOutcome(
+            rank, process.returncode, (logs / f"{rank}.stdout").read_text(), (logs / f"{rank}.stderr").read_text()
+        )
+        for rank, process in enumerate(processes)
+    ]
+    if hung:
+        tails = "\n".join(f"--- rank {o.rank} stderr\n{o.stderr[-2000:]}" for o in outcomes)
+        raise AssertionError(f"rank(s) {', '.join(map(str, hung))} still running after {timeout} s; killed\n{tails}")
+    return outcomes
 
 
 def read_history(run_dir: Path) -> list[dict]:

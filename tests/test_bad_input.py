@@ -1,8 +1,9 @@
-"""Every bad input the README's table lists, end to end under a 2-process torchrun.
+"""Every bad input the README's table lists, end to end over 2 (or 3) processes started directly.
 
-Each case must end with exactly one `fmdist: error:` line (from rank 0) that names the
-problem, a non-zero exit of every process within the timeout, and the earlier run in
-output_dir byte-for-byte as it was, although the command asks to overwrite it.
+Not under torchrun, which ends the other workers once one fails: here every rank must end by
+itself within the timeout, with exit code 2. Rank 0's stderr holds exactly one `fmdist: error:`
+line naming the problem and no traceback; the other ranks print nothing at all; and the earlier
+run in output_dir is byte-for-byte as it was, although the command asks to overwrite it.
 """
 
 import shutil
@@ -15,8 +16,9 @@ import torch
 import torchvision
 
 from fmdist import models
+from fmdist.errors import FmdistError
 
-from helpers import CONFIGS, REPO, train, write_kaggle_csv
+from helpers import CONFIGS, REPO, train, train_ranks, write_kaggle_csv
 
 HEADER = "label," + ",".join(f"pixel{i}" for i in range(1, 785))
 GOOD_ROW = "3," + ",".join(["7"] * 784)
@@ -36,12 +38,14 @@ def row_with(column: int, value: str) -> str:
     return ",".join(cells)
 
 
-def csv_case(make_bad):
+def csv_case(make_test_csv, *more: str):
+    """A run on a good 64-image training CSV and the test CSV make_test_csv(tmp) writes."""
+
     def args(tmp: Path) -> list[str]:
         good = write_kaggle_csv(tmp / "good.csv", np.zeros((64, 28, 28), np.uint8), np.arange(64) % 10)
-        bad = make_bad(tmp)
+        test = make_test_csv(tmp)
         sizes = ["data.train_size=null", "data.test_size=null"]
-        return ["data.source=csv", f"data.train_csv={good}", f"data.test_csv={bad}", *sizes, *BATCH, "epochs=1"]
+        return ["data.source=csv", f"data.train_csv={good}", f"data.test_csv={test}", *sizes, *BATCH, "epochs=1", *more]
 
     return args
 
@@ -56,6 +60,11 @@ def weights_case(write):
     return args
 
 
+def garble_checkpoints(run: Path) -> None:
+    for path in (run / "checkpoints").iterdir():
+        path.write_bytes(b"\x00garbage" * 64)
+
+
 class NotATensor:
     pass
 
@@ -67,6 +76,7 @@ class Case:
     nproc: int = 2
     env: dict = field(default_factory=dict)
     keep_earlier_run: bool = True  # run into a copy of an earlier run with resume=never overwrite=true
+    damage: object = None  # (copy of the earlier run) -> None, before the command runs
 
 
 CASES = {
@@ -80,14 +90,25 @@ CASES = {
         lambda t: ["regime=partial", f"model.weights={_weights(t)}", "model.unfreeze=[layer4.2]"],
         "model.unfreeze: ResNet has no module 'layer4.2'"),
     "config: file missing": Case(lambda t: ["--config-file", str(t / "nope.yaml")], "nope.yaml: config file not found"),
+    "config: not valid YAML": Case(lambda t: ["--config-file", _yaml(t, "epochs: [1\n")], "mine.yaml: line 3 not valid YAML"),
+    "config: extends cycle": Case(
+        lambda t: ["--config-file", _extends_cycle(t)], "a.yaml: 'extends' forms a cycle"),
+    "config: command-line item without =": Case(lambda t: ["epochs"], "command line: expected key=value, got 'epochs'"),
+    "config: unknown command-line option": Case(
+        lambda t: ["--epochs=3"], "unrecognized arguments: --epochs=3; see fmdist-train --help"),
+    "config: batch_size of one image": Case(
+        lambda t: [*SMALL, "batch_size=1"], "key 'batch_size': expected at least 2 for training"),
     "csv: file missing": Case(csv_case(lambda t: t / "missing.csv"), "missing.csv: CSV file not found"),
     "csv: empty file": Case(csv_case(lambda t: _text(t / "bad.csv", "")), "bad.csv: empty file"),
+    "csv: header only": Case(csv_case(lambda t: _text(t / "bad.csv", HEADER + "\n")), "bad.csv: no data rows after the header"),
     "csv: wrong header": Case(csv_case(lambda t: csv_with(t, header=HEADER.replace("pixel5,", "px5,"))),
                               "line 1 (header), column 6: expected 'pixel5', found 'px5'"),
     "csv: wrong column count": Case(csv_case(lambda t: csv_with(t, GOOD_ROW + ",1")), "line 3 has 786 columns, expected 785"),
+    "csv: short row": Case(csv_case(lambda t: csv_with(t, GOOD_ROW.rsplit(",", 1)[0])), "line 3 has 784 columns, expected 785"),
     "csv: blank line": Case(csv_case(lambda t: csv_with(t, "", GOOD_ROW)), "line 3 is blank"),
     "csv: non-numeric cell": Case(csv_case(lambda t: csv_with(t, row_with(12, "abc"))), "line 3, column 'pixel12': 'abc' is not a number"),
-    "csv: NaN or empty cell": Case(csv_case(lambda t: csv_with(t, row_with(700, "NaN"))), "line 3, column 'pixel700': empty or NaN cell"),
+    "csv: NaN cell": Case(csv_case(lambda t: csv_with(t, row_with(700, "NaN"))), "line 3, column 'pixel700': empty or NaN cell"),
+    "csv: empty cell": Case(csv_case(lambda t: csv_with(t, row_with(700, ""))), "line 3, column 'pixel700': empty or NaN cell"),
     "csv: fractional value": Case(csv_case(lambda t: csv_with(t, row_with(0, "2.5"))), "line 3, column 'label': 2.5 is not an integer"),
     "csv: label out of range": Case(csv_case(lambda t: csv_with(t, row_with(0, "10"))), "line 3, column 'label': label 10 is outside 0..9"),
     "csv: pixel out of range": Case(csv_case(lambda t: csv_with(t, row_with(784, "256"))), "line 3, column 'pixel784': pixel value 256 is outside 0..255"),
@@ -104,12 +125,20 @@ CASES = {
     "weights: named weights offline, not cached": Case(
         lambda t: ["regime=frozen", "model.width=64", *SMALL[:3], *BATCH], "if offline, put resnet18-f37072fd.pth into",
         env={"TORCH_HOME": "{tmp}/empty-torch-home"}),
+    "weights: unknown torchvision weights name": Case(
+        lambda t: ["regime=pretrained", "model.weights=IMAGENET1K_V9", "model.width=64", *SMALL[:3], *BATCH],
+        "torchvision has no resnet18 weights named 'IMAGENET1K_V9'"),
     "weights: init_from missing": Case(lambda t: [f"model.init_from={t / 'nope.pt'}", *SMALL], "nope.pt: file not found"),
     "data: torchvision files missing, download off": Case(
         lambda t: ["data.source=torchvision", f"data.root={t}", "data.download=false", *BATCH], "(data.download is false); put the IDX files"),
+    "data: train_size larger than the file": Case(
+        csv_case(lambda t: t / "good.csv", "data.train_size=100"), "good.csv holds only 64 images"),
     "processes: more than training images": Case(
         lambda t: [*SMALL[:1], "data.train_size=2", "data.test_size=10", "batch_size=1"],
         "2 training images cannot be shared by 3 processes", nproc=3),
+    "processes: as many as training images": Case(
+        lambda t: [*SMALL[:1], "data.train_size=2", "data.test_size=10", "batch_size=2"],
+        "2 training images cannot be shared by 2 processes: each process needs at least 2"),
     "processes: batch larger than a process's share": Case(
         lambda t: [*SMALL, "batch_size=300"], "batch_size=300 is larger than each process's share"),
     "output_dir: not writable": Case(
@@ -122,6 +151,9 @@ CASES = {
     "resume: named checkpoint missing": Case(lambda t: [*SMALL, f"resume={t / 'nope.pt'}"], "nope.pt not found"),
     "resume: named file is not a checkpoint": Case(
         lambda t: [*SMALL, f"resume={_weights(t)}"], "not an fmdist checkpoint"),
+    "resume: every checkpoint unreadable": Case(
+        lambda t: [*SMALL, "resume=auto", "overwrite=false"], "best.pt unreadable); set overwrite=true",
+        damage=garble_checkpoints),
 }  # fmt: skip
 
 
@@ -134,6 +166,12 @@ def _yaml(tmp: Path, text: str) -> str:
     path = tmp / "mine.yaml"
     path.write_text(f"extends: {CONFIGS / 'smoke.yaml'}\n" + text)
     return str(path)
+
+
+def _extends_cycle(tmp: Path) -> str:
+    _text(tmp / "a.yaml", "extends: b.yaml\n")
+    _text(tmp / "b.yaml", "extends: a.yaml\n")
+    return str(tmp / "a.yaml")
 
 
 def _weights(tmp: Path) -> Path:
@@ -163,21 +201,41 @@ def test_bad_input_is_one_line_on_rank_zero_every_rank_exits_and_nothing_is_over
     out = tmp_path / "out"
     if case.keep_earlier_run:
         shutil.copytree(earlier_run, out)
+        if case.damage is not None:
+            case.damage(out)
     before = snapshot(out) if out.exists() else {}
     command = ["--config", config, f"output_dir={out}", "resume=never", "overwrite=true", *args]
     env = {k: v.format(tmp=tmp_path) for k, v in case.env.items()}
-    result = train(tmp_path, *command, nproc=case.nproc, env=env, check=False, timeout=120)
+    ranks = train_ranks(tmp_path, *command, nproc=case.nproc, env=env, timeout=120)
 
-    assert result.returncode != 0
-    errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("fmdist: error:")]
-    assert len(errors) == 1, result.stderr[-3000:]
+    assert [rank.returncode for rank in ranks] == [FmdistError.exit_code] * case.nproc, ranks[0].stderr[-3000:]
+    main, others = ranks[0], ranks[1:]
+    errors = [line for line in main.stderr.splitlines() if line.startswith("fmdist: error:")]
+    assert len(errors) == 1, main.stderr[-3000:]
     assert case.shows in errors[0]
+    assert "fmdist: error:" not in main.stdout
+    assert "Traceback" not in main.stderr + main.stdout, main.stderr[-3000:]
+    for rank in others:  # only rank 0 speaks
+        assert (rank.stdout, rank.stderr) == ("", ""), f"rank {rank.rank}:\n{rank.stdout}{rank.stderr}"[-3000:]
     assert (snapshot(out) if out.exists() else {}) == before
 
 
-def test_the_readme_table_lists_every_case():
+def readme_table() -> dict[str, str]:
+    """The rows of the README's bad-input table: bad input -> what the message says."""
     readme = (REPO / "README.md").read_text()
-    table = readme[readme.index("### Bad input") :]
+    section = readme[readme.index("### Bad input") :]
+    section = section[: section.index("\n#", 1)]
+    rows = {}
+    for line in section.splitlines():
+        if line.startswith("| ") and not line.startswith(("| bad input |", "| --- |")):
+            name, message = line.removeprefix("| ").split(" | ", 1)
+            rows[name] = message
+    return rows
+
+
+def test_the_readme_table_and_the_cases_match():
+    rows = readme_table()
+    assert [name for name in CASES if name not in rows] == [], "cases the README's table lacks"
+    assert [name for name in rows if name not in CASES] == [], "README rows without a case"
     for name, case in CASES.items():
-        assert f"| {name} |" in table, name
-        assert case.shows.replace("|", "\\|") in table, name
+        assert case.shows.replace("|", "\\|") in rows[name], name

@@ -115,6 +115,24 @@ def test_batches_larger_than_a_shard_and_more_processes_than_images_are_refused(
         train_loader(split, batch_size=1, seed=0, data_cfg=cfg, device=CPU)
 
 
+def test_no_training_batch_holds_a_single_image(monkeypatch):
+    """BatchNorm cannot train on one image: such batches are refused up front or never cut."""
+    cfg = data_cfg("data.source=synthetic", "data.train_size=5", "data.test_size=10")
+    split, _ = load_splits(cfg, 10)
+    monkeypatch.setenv("WORLD_SIZE", "5")
+    with pytest.raises(FmdistError, match="5 training images cannot be shared by 5 processes: each process needs"):
+        train_loader(split, batch_size=2, seed=0, data_cfg=cfg, device=CPU)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(FmdistError, match="key 'batch_size': expected at least 2 for training .* got 1"):
+        train_loader(split, batch_size=1, seed=0, data_cfg=cfg, device=CPU)
+    # 5 images leave each rank 5, 3 or 2: a last batch of one image is dropped, one of two kept
+    for world, batch_size, sizes in [(1, 2, [2, 2]), (1, 3, [3, 2]), (2, 2, [2]), (3, 2, [2])]:
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        for rank in range(world):
+            monkeypatch.setenv("RANK", str(rank))
+            assert [len(labels) for _, labels in train_loader(split, batch_size, 0, cfg, CPU)] == sizes
+
+
 def transform(**overrides):
     settings = dict(image_size=28, mean=0.0, std=1.0, in_channels=1, augment=False, channels_last=False, seed=0, rank=0)
     return BatchTransform(**{**settings, **overrides}, device=CPU)

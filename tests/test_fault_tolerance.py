@@ -1,11 +1,14 @@
 """Checkpoints, exact resume, killed workers, preemption signals and divergence, with real processes."""
 
 import json
+import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,10 +27,12 @@ from helpers import (
     finish,
     kill_tree,
     read_history,
+    run_command,
     start,
     train,
     train_command,
     wait_for,
+    write_kaggle_csv,
 )
 
 SMOKE = ("--config", str(CONFIGS / "smoke.yaml"))
@@ -103,6 +108,29 @@ def test_sigusr1_to_a_single_process_exits_75_with_a_checkpoint_and_resumes(tmp_
     assert [r["epoch"] for r in read_history(out)] == [1, 2, 3, 4, 5]
 
 
+def worker_of_rank(launcher_pid: int, rank: int) -> int:
+    for pid in child_pids(launcher_pid):
+        if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+            return pid
+    raise AssertionError(f"no worker of rank {rank} under {launcher_pid}")
+
+
+def test_sigusr1_to_one_worker_of_two_stops_both_with_a_checkpoint_and_the_rerun_finishes(tmp_path):
+    """torchrun does not forward SIGUSR1; a signal reaching any one rank must stop every rank."""
+    out = tmp_path / "run"
+    launcher = start(train_command(*SMALL, "epochs=5", f"output_dir={out}", nproc=2), cwd=tmp_path)
+    wait_for(out / "checkpoints" / "epoch-0001.pt", launcher)
+    os.kill(worker_of_rank(launcher.pid, 1), signal.SIGUSR1)
+    returncode, stdout, stderr = finish(launcher)
+    assert returncode != 0 and re.search(rf"exitcode\s*:\s*{EXIT_CHECKPOINTED}\b", stderr), stderr[-3000:]
+    stops = [line for line in stdout.splitlines() if "stopped by" in line]
+    assert len(stops) == 1 and "stopped by a stop signal on another rank" in stops[0], stdout
+    assert not error_lines(stderr) and not (out / "model.pt").exists()
+
+    train(tmp_path, *SMALL, "epochs=5", f"output_dir={out}", nproc=2)
+    assert [r["epoch"] for r in read_history(out)] == [1, 2, 3, 4, 5]
+
+
 def test_worker_killed_mid_epoch_is_restarted_by_torchrun_and_every_epoch_appears_once(tmp_path):
     out = tmp_path / "elastic"
     command = train_command(*SMOKE, "epochs=4", f"output_dir={out}", nproc=2)
@@ -120,31 +148,52 @@ def test_worker_killed_mid_epoch_is_restarted_by_torchrun_and_every_epoch_appear
     assert history[-1]["val_acc"] >= 0.95
 
 
-def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_the_last_checkpoint(tmp_path):
+def test_non_finite_training_loss_stops_with_epoch_and_step_and_keeps_the_checkpoints(tmp_path):
     out = tmp_path / "diverged"
-    # one step per epoch: epoch 1 trains with finite loss, then the huge step makes epoch 2 non-finite
+    train(tmp_path, *SMALL, "epochs=2", f"output_dir={out}", nproc=2)
+    latest = out / "checkpoints" / "epoch-0002.pt"
+    checkpoint = torch.load(latest, weights_only=True)
+    checkpoint["model"]["fc.weight"][3, 7] = float("nan")  # weights a bad step would have left
+    torch.save(checkpoint, latest)
+    results = [out / "history.json", out / "model.pt", *sorted((out / "checkpoints").iterdir())]
+    before = {p: p.read_bytes() for p in results}
+
+    result = train(tmp_path, *SMALL, "epochs=4", f"output_dir={out}", nproc=2, check=False)
+    assert result.returncode != 0 and re.search(r"exitcode\s*:\s*3\b", result.stderr)  # torchrun: 1; workers: 3
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1 and "training loss is nan at epoch 3, step 1" in errors[0], result.stderr[-2000:]
+    assert sorted((out / "checkpoints").iterdir()) == results[2:]
+    assert {p: p.read_bytes() for p in results} == before  # nothing written after the divergence
+
+
+def test_weights_broken_by_the_last_step_of_an_epoch_are_never_saved(tmp_path):
+    out = tmp_path / "diverged"
+    # one step per epoch: its loss is finite, the huge step it takes is not, so the validation is
     result = train(
         tmp_path, *SMOKE, "epochs=3", "optimizer.name=sgd", "optimizer.lr=1e30", "optimizer.momentum=0",
         "data.train_size=128", f"output_dir={out}", nproc=2, check=False,
     )  # fmt: skip
-    assert result.returncode != 0
+    assert result.returncode != 0 and re.search(r"exitcode\s*:\s*3\b", result.stderr)  # torchrun: 1; workers: 3
     errors = error_lines(result.stderr)
-    assert len(errors) == 1 and "training loss is nan at epoch 2, step 1" in errors[0], result.stderr[-2000:]
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.pt", "epoch-0001.pt"]
-    assert load_checkpoint(out / "checkpoints" / "epoch-0001.pt")["epoch"] == 1
+    assert len(errors) == 1 and "validation loss is nan after epoch 1" in errors[0], result.stderr[-2000:]
+    assert "Epoch: 1 \tTraining Loss" in result.stdout
+    assert not (out / "checkpoints").exists() and not (out / "history.json").exists()
 
 
 def test_unreadable_latest_checkpoint_is_skipped_with_a_warning(tmp_path):
     out = tmp_path / "run"
     train(tmp_path, *SMALL, "epochs=2", f"output_dir={out}")
     latest = out / "checkpoints" / "epoch-0002.pt"
+    best_epoch = load_checkpoint(out / "checkpoints" / "best.pt")["epoch"]
     latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])
     result = train(tmp_path, *SMALL, "epochs=3", f"output_dir={out}")
     warnings = [line for line in result.stderr.splitlines() if line.startswith("fmdist: warning:")]
     assert len(warnings) == 1
     assert f"skipping checkpoint {latest}: not a readable PyTorch weights file" in warnings[0]
-    assert "trying epoch-0001.pt" in warnings[0]
-    assert "resuming from" in result.stdout and "epoch-0001.pt (after epoch 1)" in result.stdout
+    # the next newest: best.pt when epoch 2 was the best (a copy of the damaged file), else epoch 1
+    fallback = "best.pt (after epoch 2)" if best_epoch == 2 else "epoch-0001.pt (after epoch 1)"
+    assert f"trying {fallback.split()[0]}" in warnings[0]
+    assert "resuming from" in result.stdout and fallback in result.stdout
     assert [r["epoch"] for r in read_history(out)] == [1, 2, 3]
 
 
@@ -154,6 +203,92 @@ def test_resume_from_a_named_checkpoint_into_a_new_folder(tmp_path):
     result = train(tmp_path, *SMALL, "epochs=2", f"resume={checkpoint}", f"output_dir={tmp_path / 'b'}")
     assert f"resuming from {checkpoint} (after epoch 1)" in result.stdout
     assert comparable(read_history(tmp_path / "b")) == comparable(read_history(tmp_path / "a"))
+
+
+def test_rerunning_a_resume_from_path_command_continues_from_the_output_dir(tmp_path):
+    """After a stop, a restart or a requeue, the same resume=PATH command must not go back to PATH."""
+    train(tmp_path, *SMALL, "epochs=3", f"output_dir={tmp_path / 'a'}")
+    named = tmp_path / "a" / "checkpoints" / "epoch-0001.pt"
+    out = tmp_path / "b"
+    train(tmp_path, *SMALL, "epochs=2", f"resume={named}", f"output_dir={out}")  # stands for a stopped run
+    again = train(tmp_path, *SMALL, "epochs=3", f"resume={named}", f"output_dir={out}")
+    assert f"output_dir {out} already continues {named}: resuming from {out / 'checkpoints' / 'epoch-0002.pt'}" in (
+        again.stderr
+    )
+    assert "Epoch: 2 \t" not in again.stdout and "Epoch: 3 \tTraining Loss" in again.stdout
+    assert comparable(read_history(out)) == comparable(read_history(tmp_path / "a"))
+    assert named.is_file()
+
+
+def test_resume_from_path_into_a_folder_holding_another_run_is_refused_unless_overwrite(tmp_path):
+    train(tmp_path, *SMALL, "epochs=1", f"output_dir={tmp_path / 'a'}")
+    named = tmp_path / "a" / "checkpoints" / "epoch-0001.pt"
+    other = tmp_path / "other"
+    train(tmp_path, *SMALL, "epochs=1", "seed=1", f"output_dir={other}")
+    before = {p: p.read_bytes() for p in other.rglob("*") if p.is_file()}
+
+    refused = train(tmp_path, *SMALL, "epochs=2", f"resume={named}", f"output_dir={other}", check=False)
+    assert refused.returncode == 2
+    assert error_lines(refused.stderr) == [
+        f"fmdist: error: output_dir {other} already holds another run than {named}; resume into an empty "
+        "output_dir, or set overwrite=true to replace that run"
+    ]
+    assert {p: p.read_bytes() for p in other.rglob("*") if p.is_file()} == before
+
+    train(tmp_path, *SMALL, "epochs=2", f"resume={named}", "overwrite=true", f"output_dir={other}")
+    assert [r["epoch"] for r in read_history(other)] == [1, 2]
+    assert read_history(other)[0] == read_history(tmp_path / "a")[0]  # epoch 1 is the named run's
+    assert named.is_file()
+
+
+def test_overwrite_with_resume_from_a_checkpoint_of_the_same_folder_keeps_that_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    train(tmp_path, *SMALL, "epochs=3", f"output_dir={out}")
+    named = out / "checkpoints" / "epoch-0001.pt"
+    (out / "wandb-run-id").write_text("abc123\n")  # a replaced run must not continue the old W&B run
+    train(tmp_path, *SMALL, "epochs=2", f"resume={named}", "overwrite=true", f"output_dir={out}")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.pt", "epoch-0001.pt", "epoch-0002.pt"]
+    assert [r["epoch"] for r in read_history(out)] == [1, 2]
+    assert not (out / "wandb-run-id").exists()
+
+
+def test_a_run_whose_newest_checkpoint_is_best_pt_resumes_from_it(tmp_path):
+    """With checkpoint_every > 1, best.pt can be the only (or the newest) checkpoint of a killed run."""
+    out = tmp_path / "run"
+    train(tmp_path, *SMALL, "epochs=3", "checkpoint_every=5", f"output_dir={out}")
+    (out / "checkpoints" / "epoch-0003.pt").unlink()  # as if killed before the final epoch's files
+    (out / "model.pt").unlink()
+    best_epoch = load_checkpoint(out / "checkpoints" / "best.pt")["epoch"]
+    assert plan(out, "checkpoint_every=5").resume_from == out / "checkpoints" / "best.pt"
+
+    result = train(tmp_path, *SMALL, "epochs=4", "checkpoint_every=5", f"output_dir={out}")
+    assert f"resuming from {out / 'checkpoints' / 'best.pt'} (after epoch {best_epoch})" in result.stdout
+    assert [r["epoch"] for r in read_history(out)] == [1, 2, 3, 4]
+
+
+def test_resuming_with_another_world_size_or_edited_data_is_refused_naming_it(tmp_path, real_sample):
+    images, labels = real_sample
+    train_csv = write_kaggle_csv(tmp_path / "train.csv", images[:256], labels[:256])
+    test_csv = write_kaggle_csv(tmp_path / "test.csv", images[256:320], labels[256:320])
+    out = tmp_path / "run"
+    args = (*SMOKE, "data.source=csv", f"data.train_csv={train_csv}", f"data.test_csv={test_csv}", "data.train_size=null",
+            "data.test_size=null", "batch_size=32")  # fmt: skip
+    train(tmp_path, *args, "epochs=1", f"output_dir={out}")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    wider = train(tmp_path, *args, "epochs=2", f"output_dir={out}", nproc=2, check=False)
+    assert wider.returncode != 0
+    (error,) = error_lines(wider.stderr)
+    assert "belongs to a different run: world size (1 -> 2)" in error
+
+    edited = images[:256].copy()
+    edited[17, 3, 4] ^= 0xFF  # one pixel of one image
+    write_kaggle_csv(train_csv, edited, labels[:256])
+    changed = train(tmp_path, *args, "epochs=2", f"output_dir={out}", check=False)
+    assert changed.returncode == 2
+    (error,) = error_lines(changed.stderr)
+    assert "belongs to a different run: data content (" in error and "world size" not in error
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 def test_a_finished_run_rerun_is_complete_and_can_be_extended(tmp_path):
@@ -235,14 +370,62 @@ def test_plan_start_after_an_elastic_restart_resumes_even_with_resume_never(tmp_
     assert restarted.resume_from == folder / "checkpoints" / "epoch-0001.pt"
 
 
+def test_best_pt_outlives_the_periodic_checkpoints_of_its_epoch(tmp_path):
+    store = CheckpointStore(tmp_path / "checkpoints")
+    for epoch in range(1, 6):
+        state = {"format": 1, "epoch": epoch, "step": 0, "model": {}, "optimizer": {}, "history": [], "rng": [],
+                 "fingerprint": {}}  # fmt: skip
+        store.save(state, Position(epoch), periodic=True, best=epoch == 2, keep=2)
+    assert [path.name for _, path in store.saved()] == ["epoch-0004.pt", "epoch-0005.pt"]
+    assert load_checkpoint(store.folder / "best.pt")["epoch"] == 2
+
+
+def test_random_states_round_trip_through_a_checkpoint_file(tmp_path):
+    import random
+
+    import numpy as np
+
+    from fmdist.checkpoints import capture_rng, restore_rng
+
+    augment = torch.Generator().manual_seed(5)
+    random.seed(1), np.random.seed(2), torch.manual_seed(3), torch.rand(7, generator=augment)
+    torch.save({"rng": [capture_rng(augment)]}, tmp_path / "states.pt")
+    expected = (random.random(), np.random.rand(), np.random.randn(), torch.rand(3), torch.rand(3, generator=augment))
+
+    random.seed(10), np.random.seed(20), torch.manual_seed(30), augment.manual_seed(50)
+    restore_rng(torch.load(tmp_path / "states.pt", weights_only=True)["rng"][0], augment)
+    drawn = (random.random(), np.random.rand(), np.random.randn(), torch.rand(3), torch.rand(3, generator=augment))
+    assert drawn[:3] == expected[:3]
+    assert torch.equal(drawn[3], expected[3]) and torch.equal(drawn[4], expected[4])
+
+
+def test_a_two_process_checkpoint_holds_each_ranks_augmentation_state(tmp_path):
+    out = tmp_path / "run"
+    train(tmp_path, *SMALL, "epochs=1", "data.augment=true", f"output_dir={out}", nproc=2)
+    states = load_checkpoint(out / "checkpoints" / "epoch-0001.pt")["rng"]
+    assert len(states) == 2
+    assert not torch.equal(states[0]["augment"], states[1]["augment"])  # each rank draws its own crops
+
+
 # ------------------------------------------------------------------------------ crash mid-save
 
 SAVER = textwrap.dedent(
     """
-    import sys, torch
+    import os, signal, sys, torch
     from pathlib import Path
     from fmdist.checkpoints import CheckpointStore, Position
     store = CheckpointStore(Path(sys.argv[1]))
+    die_at_rename = int(sys.argv[2])  # 0: run until killed from outside
+    renames, rename = 0, os.replace
+
+    def rename_or_die(source, target):  # the file is written and fsynced, the rename not yet done
+        global renames
+        renames += 1
+        if renames == die_at_rename:
+            os.kill(os.getpid(), signal.SIGKILL)
+        rename(source, target)
+
+    os.replace = rename_or_die
     state = {"format": 1, "step": 0, "model": {"w": torch.randn(4_000_000)}, "optimizer": {}, "history": [],
              "rng": [], "fingerprint": {}}
     epoch = 0
@@ -255,19 +438,28 @@ SAVER = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("delay", [0.4, 0.9, 1.7])
-def test_a_process_killed_while_saving_never_leaves_a_corrupt_checkpoint(tmp_path, delay):
+@pytest.mark.parametrize(
+    "kill",
+    [("after", 0.4), ("after", 0.9), ("after", 1.7), ("at rename", 3), ("at rename", 5)],
+    ids=["after-0.4s", "after-0.9s", "after-1.7s", "at-3rd-rename-best", "at-5th-rename-periodic"],
+)
+def test_a_process_killed_while_saving_never_leaves_a_corrupt_checkpoint(tmp_path, kill):
+    how, when = kill
     script = tmp_path / "saver.py"
     script.write_text(SAVER)
     folder = tmp_path / "checkpoints"
-    process = subprocess.Popen([sys.executable, str(script), str(folder)], cwd=REPO, stdout=subprocess.PIPE)
+    die_at_rename = when if how == "at rename" else 0
+    command = [sys.executable, str(script), str(folder), str(die_at_rename)]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE)
     process.stdout.readline()  # at least one checkpoint is complete
     try:
-        process.wait(timeout=delay)
+        process.wait(timeout=when if how == "after" else 60)
     except subprocess.TimeoutExpired:
         process.kill()
-    process.wait()
+    assert process.wait() == -signal.SIGKILL
     store = CheckpointStore(folder)
+    if how == "at rename":  # killed between writing a file and renaming it into place
+        assert len(list(folder.glob(".*.tmp"))) == 1
     assert store.saved(), "no checkpoint survived"
     for _, path in store.saved():
         assert load_checkpoint(path)["epoch"] == Position.from_file_name(path.name).epoch
@@ -305,9 +497,15 @@ def test_no_secret_from_the_environment_reaches_config_log_or_outputs(tmp_path):
         tmp_path, *SMALL, "epochs=1", f"output_dir={out}", "wandb.mode=offline", nproc=2,
         env={"WANDB_API_KEY": secret, "HF_TOKEN": secret, "AWS_SECRET_ACCESS_KEY": secret, "WANDB_MODE": None},
     )  # fmt: skip
-    assert secret not in result.stdout + result.stderr
-    files = [p for p in out.rglob("*") if p.is_file()]
-    assert len(files) >= 8 and any(p.suffix == ".wandb" for p in files)
+    report = run_command(
+        [sys.executable, "-m", "fmdist.report", str(out), "--output", str(tmp_path / "report")],
+        cwd=tmp_path,
+        env={"WANDB_API_KEY": secret, "HF_TOKEN": secret},
+    )
+    assert secret not in result.stdout + result.stderr + report.stdout + report.stderr
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".wandb" for p in files) and (tmp_path / "report" / "report.md") in files
+    assert len(files) >= 12
     for path in files:
         assert secret.encode() not in path.read_bytes(), path
     assert "WANDB" not in json.dumps(load_checkpoint(out / "checkpoints" / "epoch-0001.pt")["fingerprint"])
