@@ -71,6 +71,9 @@ class DataConfig:
     download: bool = _key(True, "torchvision source: download when the files are missing (local rank 0 only)")
     train_csv: str | None = _key(None, "csv source: training file, label,pixel1..pixel784")
     test_csv: str | None = _key(None, "csv source: test file, same format")
+    holdout: int | None = _key(
+        None, "csv source without data.test_csv: the last N rows of data.train_csv are the test set, the rest train"
+    )
     train_size: int | None = _key(
         None, "number of training images: the first N of the split (synthetic: generated; null = 60000)"
     )
@@ -419,7 +422,12 @@ def validate(cfg: TrainConfig, origins: dict[str, str] | None = None) -> None:
     require(cfg.data.synthetic_seed >= 0, "data.synthetic_seed", "a non-negative integer")
     if cfg.data.source == "csv":
         require(cfg.data.train_csv is not None, "data.train_csv", "a CSV path when data.source is csv")
-        require(cfg.data.test_csv is not None, "data.test_csv", "a CSV path when data.source is csv")
+        require(
+            (cfg.data.test_csv is None) != (cfg.data.holdout is None),
+            "data.test_csv",
+            "a CSV path when data.source is csv, or null with data.holdout set (one of the two)",
+        )
+    require(cfg.data.holdout is None or cfg.data.holdout >= 1, "data.holdout", "a positive number of rows or null")
     require(cfg.progress_every > 0, "progress_every", "a positive number of seconds")
     regimes = get_args(get_type_hints(TrainConfig)["regime"])
     require(

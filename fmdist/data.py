@@ -51,9 +51,25 @@ class ImageSplit:
 
 def load_splits(data_cfg, num_classes: int) -> tuple[ImageSplit, ImageSplit]:
     """The (train, test) splits that data_cfg describes, validated against num_classes."""
+    if data_cfg.source == "csv" and data_cfg.holdout is not None:
+        splits = _held_out_csv_splits(data_cfg.train_csv, data_cfg.holdout, num_classes)
+    else:
+        splits = tuple(_load_split(data_cfg, split, num_classes) for split in ("train", "test"))
     return tuple(
-        _limit(_load_split(data_cfg, split, num_classes), size, f"data.{split}_size", num_classes)
-        for split, size in (("train", data_cfg.train_size), ("test", data_cfg.test_size))
+        _limit(split, size, f"data.{name}_size", num_classes)
+        for split, name, size in zip(splits, ("train", "test"), (data_cfg.train_size, data_cfg.test_size), strict=True)
+    )
+
+
+def _held_out_csv_splits(path: str, holdout: int, num_classes: int) -> tuple[ImageSplit, ImageSplit]:
+    images, labels = read_kaggle_csv(path, num_classes)
+    kept = len(labels) - holdout
+    if kept < 1:
+        raise FmdistError(f"data.holdout={holdout} but {path} holds only {len(labels)} images; expected fewer")
+    classes = _class_names(num_classes)
+    return (
+        ImageSplit(images[:kept], labels[:kept], classes, f"{path} (the first {kept} rows)"),
+        ImageSplit(images[kept:], labels[kept:], classes, f"{path} (the last {holdout} rows)"),
     )
 
 

@@ -7,7 +7,9 @@ at the same step, rank 0 saves a checkpoint, and every rank exits with EXIT_CHEC
 
 from __future__ import annotations
 
+import os
 import signal
+from pathlib import Path
 
 # EX_TEMPFAIL from sysexits.h: a temporary failure, the caller is invited to try again.
 EXIT_CHECKPOINTED = 75
@@ -31,7 +33,22 @@ class StopSignals:
         return self.received is not None
 
 
+# A file a supervising script names (slurm/train.sbatch): the checkpoint a stop left is written
+# into it, because torchrun's own exit code is 1 whenever a worker exits non-zero, 75 included.
+STOP_MARKER_ENV = "FMDIST_STOP_MARKER"
+
+
 class Checkpointed(Exception):
     """Training stopped on request after saving a checkpoint; rerunning the command resumes it."""
 
     exit_code = EXIT_CHECKPOINTED
+
+    def __init__(self, message: str, checkpoint: Path):
+        super().__init__(message)
+        self.checkpoint = checkpoint
+
+
+def mark_checkpointed(checkpoint: Path) -> None:
+    marker = os.environ.get(STOP_MARKER_ENV)
+    if marker:
+        Path(marker).write_text(f"{checkpoint}\n")

@@ -40,7 +40,7 @@ from fmdist.outputs import (
     SUMMARY_FILE,
     RunFolder,
 )
-from fmdist.preemption import Checkpointed, StopSignals
+from fmdist.preemption import Checkpointed, StopSignals, mark_checkpointed
 from fmdist.progress import make_progress
 from fmdist.regimes import build_model
 from fmdist.report import TRACKED_SUMMARY_KEYS, run_summary
@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except Checkpointed as stop:
         log(f"fmdist: {stop}")
+        if distributed.is_main_process():
+            mark_checkpointed(stop.checkpoint)
         return stop.exit_code
     finally:
         distributed.shutdown()
@@ -254,7 +256,7 @@ def _train(cfg, runtime, folder: RunFolder, train_split, test_split, test_batche
         display.end_epoch()
         if isinstance(trained, EpochProgress):
             path = save_checkpoint(Position(epoch - 1, trained.step), trained, periodic=True, best=False)
-            raise Checkpointed(_stopped_message(stop, f"epoch {epoch}, step {trained.step}", path))
+            raise Checkpointed(_stopped_message(stop, f"epoch {epoch}, step {trained.step}", path), path)
         log(f"Epoch: {epoch} \tTraining Loss: {trained.loss:.6f}")
         # Each rank's last step updated its BatchNorm statistics from its own batch; evaluate
         # with rank 0's, the ones DDP broadcasts at the next step and the checkpoint saves.
@@ -294,7 +296,7 @@ def _train(cfg, runtime, folder: RunFolder, train_split, test_split, test_batche
         if periodic or best or stopping:
             path = save_checkpoint(Position(epoch), None, periodic=periodic or stopping, best=best)
         if stopping and epoch < cfg.epochs:
-            raise Checkpointed(_stopped_message(stop, f"the end of epoch {epoch}", path))
+            raise Checkpointed(_stopped_message(stop, f"the end of epoch {epoch}", path), path)
 
     _write_final_outputs(cfg, runtime, folder, bare_model, history, validated, counts, test_split.classes, tracker)
     log(f"fmdist: done: best validation accuracy {best_accuracy:.4f}; results in {folder.path}")

@@ -14,6 +14,8 @@
 #   FMDIST_TRAIN_SBATCH_ARGS  sbatch flags for the training jobs, e.g. "--nodes=2 --gpus-per-node=4 --time=4:00:00"
 #   FMDIST_PYTHON             Python with fmdist installed (default: .venv/bin/python if present, else python)
 #   SBATCH_PARTITION, SBATCH_ACCOUNT, ...: sbatch's own variables apply to every job submitted.
+# Submitted with sbatch, the jobs it submits inherit its partition, account and QOS
+# (`sbatch -p gpu -A proj slurm/compare.sh` puts all of them on gpu, charged to proj).
 #
 #SBATCH --job-name=fmdist-compare
 #SBATCH --ntasks=1
@@ -40,6 +42,11 @@ regimes=$(sed -n 's/^fmdist-compare: plan written to .* (regimes: \(.*\))$/\1/p'
 [ -d "$plan" ] || fail "fmdist-compare --plan did not say where it wrote the plan: $planned"
 out=$(dirname "$plan")
 
+# The jobs it submits go to this job's partition, account and QOS unless SBATCH_* variables or
+# the flags in FMDIST_TRAIN_SBATCH_ARGS say otherwise.
+if [ -n "${SLURM_JOB_PARTITION:-}" ]; then export SBATCH_PARTITION=${SBATCH_PARTITION:-$SLURM_JOB_PARTITION}; fi
+if [ -n "${SLURM_JOB_ACCOUNT:-}" ]; then export SBATCH_ACCOUNT=${SBATCH_ACCOUNT:-$SLURM_JOB_ACCOUNT}; fi
+if [ -n "${SLURM_JOB_QOS:-}" ]; then export SBATCH_QOS=${SBATCH_QOS:-$SLURM_JOB_QOS}; fi
 # This job's own SLURM_* variables must not leak into the jobs it submits (their srun would
 # inherit its task layout); SLURM_CONF says where the cluster is and stays.
 for name in $(compgen -e | grep '^SLURM_' | grep -vx SLURM_CONF); do unset "$name"; done

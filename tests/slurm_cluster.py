@@ -131,6 +131,7 @@ class LocalSlurmCluster:
             "TaskPlugin=task/none",
             "SwitchType=switch/none",
             "ReturnToService=2",
+            "MinJobAge=3600",  # finished jobs stay visible to `scontrol show job` for the whole test module
             "JobRequeue=1",
             "SchedulerType=sched/backfill",
             "SchedulerParameters=batch_sched_delay=0",
@@ -156,6 +157,8 @@ class LocalSlurmCluster:
                 f"CPUs={cpus} RealMemory={memory_mb}{gres} State=UNKNOWN"
             )
         lines.append("PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP")
+        # a second partition, to see that jobs submitted by a job land where it was sent
+        lines.append("PartitionName=second Nodes=ALL Default=NO MaxTime=INFINITE State=UP")
         self.conf.write_text("\n".join(lines) + "\n")
         if self.gpus_per_node:
             # GPU GRES must name device files; clones of /dev/null stand in for them.
@@ -200,12 +203,14 @@ class LocalSlurmCluster:
         return result
 
     def job(self, job_id: str) -> dict[str, str]:
-        """`scontrol show job` as a dict; finished jobs stay visible for MinJobAge (300 s)."""
-        text = self.client("scontrol", "show", "job", "-o", job_id, check=False).stdout
+        """`scontrol show job` as a dict; finished jobs stay visible for MinJobAge (an hour here)."""
+        result = self.client("scontrol", "show", "job", "-o", job_id, check=False)
         fields = {}
-        for record in text.strip().splitlines()[:1]:
+        for record in result.stdout.strip().splitlines()[:1]:
             for match in re.finditer(r"(\w+)=(\S*)", record):
                 fields.setdefault(match.group(1), match.group(2))
+        if "JobState" not in fields:
+            raise ClusterError(f"slurmctld knows no job {job_id}: {result.stderr.strip() or result.stdout.strip()}")
         return fields
 
     def wait_until_gone(self, job_ids: list[str], timeout: float) -> None:

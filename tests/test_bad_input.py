@@ -133,6 +133,9 @@ CASES = {
         lambda t: ["data.source=torchvision", f"data.root={t}", "data.download=false", *BATCH], "(data.download is false); put the IDX files"),
     "data: train_size larger than the file": Case(
         csv_case(lambda t: t / "good.csv", "data.train_size=100"), "good.csv holds only 64 images"),
+    "data: holdout not smaller than the file": Case(
+        csv_case(lambda t: t / "good.csv", "data.test_csv=null", "data.holdout=64"),
+        "good.csv holds only 64 images; expected fewer"),
     "processes: more than training images": Case(
         lambda t: [*SMALL[:1], "data.train_size=2", "data.test_size=10", "batch_size=1"],
         "2 training images cannot be shared by 3 processes", nproc=3),

@@ -13,7 +13,7 @@ from fmdist.errors import FmdistError
 from helpers import CONFIGS, REPO
 
 
-@pytest.mark.parametrize("name", ["base", "scratch", "pretrained", "frozen", "partial", "smoke"])
+@pytest.mark.parametrize("name", ["base", "tutorial", "scratch", "pretrained", "frozen", "partial", "smoke"])
 def test_shipped_configs_load(name):
     cfg = load_config(CONFIGS / f"{name}.yaml")
     assert cfg.output_dir == f"runs/{name}"
@@ -24,6 +24,26 @@ def test_the_tutorial_defaults():
     cfg = load_config(CONFIGS / "base.yaml")
     assert (cfg.model.arch, cfg.epochs, cfg.batch_size, cfg.optimizer.name) == ("resnet18", 20, 256, "adam")
     assert (cfg.model.in_channels, cfg.model.num_classes, cfg.data.image_size) == (1, 10, 28)
+
+
+def test_the_tutorial_config_is_base_as_the_tutorial_ran_it():
+    tutorial, base = load_config(CONFIGS / "tutorial.yaml"), load_config(CONFIGS / "base.yaml")
+    assert (tutorial.mixed_precision, tutorial.model.stem_init) == ("no", "random")
+    tutorial.mixed_precision, tutorial.model.stem_init = "auto", "rgb_sum"
+    tutorial.output_dir, tutorial.name = base.output_dir, base.name
+    assert tutorial == base
+
+
+def test_holdout_replaces_the_test_file_and_not_both():
+    csv = ["data.source=csv", "data.train_csv=all.csv"]
+    assert load_config(None, [*csv, "data.holdout=200"]).data.holdout == 200
+    for items, expected in (
+        ([*csv], "data.test_csv"),
+        ([*csv, "data.test_csv=t.csv", "data.holdout=5"], "data.test_csv"),
+        ([*csv, "data.holdout=0"], "data.holdout"),
+    ):
+        with pytest.raises(FmdistError, match=f"key '{expected}'"):
+            load_config(None, items)
 
 
 def test_regime_files_set_their_regime():

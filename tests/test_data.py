@@ -17,7 +17,7 @@ from fmdist.data import (
 from fmdist.errors import FmdistError
 from fmdist.transforms import BatchTransform
 
-from helpers import write_idx
+from helpers import write_idx, write_kaggle_csv
 
 CPU = torch.device("cpu")
 
@@ -202,3 +202,20 @@ def test_channels_last_batches_hold_the_same_values_in_the_other_layout():
     fast = transform(in_channels=3, image_size=32, channels_last=True)(images, train=False)
     assert fast.is_contiguous(memory_format=torch.channels_last) and plain.is_contiguous()
     assert torch.equal(plain, fast)
+
+
+def test_holdout_splits_one_csv_into_its_first_rows_for_training_and_its_last_for_testing(real_csv_split, real_sample):
+    train_csv, test_csv = real_csv_split  # the first 800 rows and the rest, as two files
+    images, labels = real_sample
+    whole = write_kaggle_csv(train_csv.parent / "whole.csv", images, labels)
+    held_out = load_config(None, ["data.source=csv", f"data.train_csv={whole}", f"data.holdout={len(labels) - 800}"])
+    two_files = load_config(None, ["data.source=csv", f"data.train_csv={train_csv}", f"data.test_csv={test_csv}"])
+    for a, b in zip(load_splits(held_out.data, 10), load_splits(two_files.data, 10), strict=True):
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert "(the last 200 rows)" in load_splits(held_out.data, 10)[1].origin
+
+    too_many = load_config(None, ["data.source=csv", f"data.train_csv={whole}", f"data.holdout={len(labels)}"])
+    with pytest.raises(
+        FmdistError, match=f"data.holdout={len(labels)} but .*whole.csv holds only {len(labels)} images"
+    ):
+        load_splits(too_many.data, 10)

@@ -1,6 +1,7 @@
 """The recipe's building blocks: weight-decay groups, the LR schedule and its scaling rule, random
 erasing, label smoothing and flip test-time augmentation, and configs/recipe.yaml end to end."""
 
+import copy
 import json
 import math
 import sys
@@ -8,11 +9,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fmdist import distributed
 from fmdist.config import load_config
 from fmdist.data import load_splits
-from fmdist.engine import evaluate
+from fmdist.engine import EpochProgress, evaluate, train_one_epoch
 from fmdist.models import resnet18
 from fmdist.optim import build_ema, build_optimizer, build_scheduler, lr_factor, parameter_groups, scaled_lr
 from fmdist.transforms import BatchTransform
@@ -114,6 +116,61 @@ def test_flip_test_time_augmentation_averages_the_logits_of_both_views(fresh_acc
         expected_confusion[label, prediction] += 1
     assert flipped.confusion == expected_confusion.tolist()
     assert flipped.loss != pytest.approx(plain.loss)
+
+
+def test_label_smoothing_is_in_the_training_loss_and_never_in_the_validation_loss(fresh_accelerate):
+    overrides = [
+        "data.train_size=64",
+        "data.test_size=37",
+        "model.width=8",
+        "mixed_precision=no",
+        "label_smoothing=0.1",
+    ]
+    cfg = load_config(CONFIGS / "smoke.yaml", overrides)
+    runtime = distributed.setup(cfg)
+    torch.manual_seed(0)
+    model = resnet18(in_channels=1, num_classes=10, width=8)
+    before = copy.deepcopy(model)
+    train_split, test_split = load_splits(cfg.data, 10)
+    transform = BatchTransform.from_config(cfg, 0, CPU)
+    inputs = transform(train_split.images, train=True)  # no augmentation in the smoke preset
+    with torch.no_grad():
+        logits = before.train()(inputs)
+    optimizer = build_optimizer(cfg.optimizer, model)
+    batches = [(train_split.images, train_split.labels)]  # one batch: the loss is taken before the only step
+    trained = train_one_epoch(model, batches, optimizer, transform, runtime.accelerator, 1, EpochProgress(), lambda: False,
+                              label_smoothing=cfg.label_smoothing)  # fmt: skip
+    smoothed = F.cross_entropy(logits, train_split.labels, label_smoothing=0.1).item()
+    assert trained.loss == pytest.approx(smoothed, rel=1e-5)
+    assert trained.loss != pytest.approx(F.cross_entropy(logits, train_split.labels).item(), rel=1e-3)
+
+    validated = evaluate(model, [(test_split.images, test_split.labels)], transform, runtime.accelerator, 10)
+    with torch.no_grad():
+        test_logits = model.eval()(transform(test_split.images, train=False))
+    assert validated.loss == pytest.approx(F.cross_entropy(test_logits, test_split.labels).item(), rel=1e-5)
+
+
+def test_ema_is_evaluated_beside_the_raw_model_and_checkpointed(tmp_path):
+    out = tmp_path / "ema"
+    train(tmp_path, "--config", str(CONFIGS / "smoke.yaml"), "epochs=2", "ema_decay=0.9", "data.train_size=256",
+          "data.test_size=64", "batch_size=32", f"output_dir={out}", nproc=2)  # fmt: skip
+    history = read_history(out)
+    for record in history:
+        assert 0 <= record["ema_val_acc"] <= 1 and math.isfinite(record["ema_val_loss"])
+        assert record["ema_val_loss"] != record["val_loss"]  # a different set of weights was evaluated
+    checkpoint = torch.load(out / "checkpoints" / "epoch-0002.pt", weights_only=True)
+    averaged, raw = checkpoint["ema"]["module.fc.weight"], checkpoint["model"]["fc.weight"]
+    assert averaged.shape == raw.shape and not torch.equal(averaged, raw)
+    assert checkpoint["ema"]["n_averaged"] == 2 * 4  # 4 steps per epoch (256 images, 2 x 32 per step)
+
+
+def test_the_learning_rate_follows_the_global_batch_under_two_processes(tmp_path):
+    args = ("--config", str(CONFIGS / "smoke.yaml"), "epochs=1", "optimizer.scale_lr=true", "optimizer.lr=0.004",
+            "optimizer.reference_batch=64", "batch_size=32", "data.train_size=256", "data.test_size=64")  # fmt: skip
+    train(tmp_path, *args, f"output_dir={tmp_path / 'one'}")
+    train(tmp_path, *args, f"output_dir={tmp_path / 'two'}", nproc=2)
+    one, two = read_history(tmp_path / "one")[0]["lr"], read_history(tmp_path / "two")[0]["lr"]
+    assert one == pytest.approx(0.004 * 32 / 64) and two == pytest.approx(0.004 * 64 / 64)
 
 
 def test_the_recipe_config_trains_with_its_schedule_and_smoothing(tmp_path):

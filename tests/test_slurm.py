@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import CONFIGS, REPO, comparable, launch_env, read_history
+from helpers import CONFIGS, REPO, comparable, free_port, launch_env, read_history
 from slurm_cluster import LocalSlurmCluster
 
 SMOKE = ("--config", str(CONFIGS / "smoke.yaml"))
@@ -30,8 +30,8 @@ def cluster(tmp_path_factory):
     slurm.stop()
 
 
-def submit(cluster: LocalSlurmCluster, *args: str) -> str:
-    env = launch_env({"FMDIST_PYTHON": sys.executable})
+def submit(cluster: LocalSlurmCluster, *args: str, env: dict | None = None) -> str:
+    env = launch_env({"FMDIST_PYTHON": sys.executable, **(env or {})})
     result = cluster.client("sbatch", "--parsable", *args, env=env, cwd=REPO)
     return result.stdout.strip().split(";")[0]
 
@@ -89,11 +89,39 @@ def test_a_requeued_job_resumes_from_its_checkpoint_with_every_epoch_once(cluste
     text = log.read_text()
     assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", text
     assert "received SIGUSR1" in text and f"job {job} requeued" in text
+    assert re.search(rf"after checkpoint {out}/checkpoints/epoch-\d+-step-\d+\.pt; job {job} requeued", text), text
+    assert not list(REPO.glob(".fmdist-stop-*"))  # the marker the trainer wrote for the script is gone
     # the trainer itself stopped on the forwarded SIGTERM, mid-run, and saved where it stopped
     assert len(re.findall(r"fmdist: stopped by SIGTERM at epoch \d+, step \d+; checkpoint", text)) == 1, text
     assert f"job {job} restart 1:" in text and "fmdist: resuming from" in text
     assert [r["epoch"] for r in read_history(out)] == list(range(1, 9))
     assert (out / "model.pt").is_file()
+
+
+def test_without_requeue_a_stopped_job_ends_checkpointed_and_a_resubmission_resumes(cluster, tmp_path):
+    """FMDIST_REQUEUE=0 after USR1 (and any SIGTERM): exit 75, no requeue; also a chosen rendezvous host and port."""
+    out = tmp_path / "run"
+    port = str(free_port())
+    env = {"FMDIST_REQUEUE": "0", "FMDIST_RDZV_HOST": "localhost", "FMDIST_RDZV_PORT": port}
+    args = (str(REPO / "slurm" / "train.sbatch"), *SMOKE, "epochs=6", f"output_dir={out}")
+    job = submit(cluster, f"--output={tmp_path / 'first.out'}", *args, env=env)
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while not (out / "checkpoints" / "epoch-0001.pt").exists():
+        assert time.monotonic() < deadline and cluster.job(job)["JobState"] in ("PENDING", "RUNNING")
+        time.sleep(0.1)
+    cluster.client("scancel", "--signal=USR1", "--batch", job)
+
+    state = finished(cluster, job)
+    text = (tmp_path / "first.out").read_text()
+    assert state["JobState"] == "FAILED" and state["ExitCode"] == "75:0" and state["Restarts"] == "0", text
+    assert f"rendezvous localhost:{port}" in text
+    assert re.search(r"stopped by SIGUSR1 after checkpoint .*\.pt; submit the job again to resume", text), text
+    assert not (out / "model.pt").exists()
+
+    again = submit(cluster, f"--output={tmp_path / 'second.out'}", *args, env=env)
+    assert finished(cluster, again)["JobState"] == "COMPLETED", (tmp_path / "second.out").read_text()
+    assert "fmdist: resuming from" in (tmp_path / "second.out").read_text()
+    assert [r["epoch"] for r in read_history(out)] == [1, 2, 3, 4, 5, 6]
 
 
 def test_one_node_and_two_nodes_with_the_same_global_batch_train_the_same_run(cluster, tmp_path):
@@ -145,8 +173,9 @@ def test_the_report_job_reports_what_finished_when_a_regime_fails(cluster, tmp_p
     out = tmp_path / "comparison"
     log = tmp_path / "compare.out"
     missing = tmp_path / "no-such-weights.pth"  # pretrained and frozen fail on it; scratch does not need it
-    submitter = submit(cluster, f"--output={log}", str(REPO / "slurm" / "compare.sh"), *SMOKE, "--output-dir",
-                       str(out), "epochs=1", "compare.stand_in_weights=false", f"model.weights={missing}")  # fmt: skip
+    submitter = submit(cluster, "--partition=second", f"--output={log}", str(REPO / "slurm" / "compare.sh"), *SMOKE,
+                       "--output-dir", str(out), "epochs=1", "compare.stand_in_weights=false",
+                       f"model.weights={missing}")  # fmt: skip
     assert finished(cluster, submitter)["JobState"] == "COMPLETED", log.read_text()
     array, report = re.findall(r"job (?:array )?(\d+)", log.read_text())
     assert "stand-in" not in log.read_text()
@@ -154,6 +183,8 @@ def test_the_report_job_reports_what_finished_when_a_regime_fails(cluster, tmp_p
     cluster.wait_until_gone([array, report], JOB_TIMEOUT)
     states = [cluster.job(f"{array}_{element}")["JobState"] for element in range(3)]
     assert states == ["FAILED", "COMPLETED", "FAILED"]
+    # the jobs the submitter submitted went to its partition, not the default one
+    assert {cluster.job(job)["Partition"] for job in (f"{array}_0", f"{array}_1", report)} == {"second"}
     assert cluster.job(report)["JobState"] == "COMPLETED", (out / f"slurm-fmdist-report-{report}.out").read_text()
     text = (out / "report.md").read_text()
     rows = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ") and "%" in line]
