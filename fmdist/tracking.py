@@ -32,14 +32,21 @@ def has_credentials() -> bool:
 def resolve_mode(configured: str) -> str:
     """online, offline or disabled: the environment's WANDB_MODE, else the config, where auto
     means online with credentials and offline without."""
+    return mode_and_reason(configured)[0]
+
+
+def mode_and_reason(configured: str) -> tuple[str, str]:
+    """The mode resolve_mode picks, and what decided it, for the log line that announces it."""
     from_environment = os.environ.get("WANDB_MODE", "").lower()
     if from_environment in ("online", "offline", "disabled"):
-        return from_environment
+        return from_environment, f"WANDB_MODE={from_environment} in the environment"
     if from_environment == "dryrun":
-        return "offline"
+        return "offline", "WANDB_MODE=dryrun in the environment"
     if configured != "auto":
-        return configured
-    return "online" if has_credentials() else "offline"
+        return configured, f"wandb.mode={configured}"
+    if has_credentials():
+        return "online", "W&B credentials found"
+    return "offline", "no W&B credentials found"
 
 
 def without_secrets(value):
@@ -64,7 +71,7 @@ class Tracker:
     def start(cls, cfg, output_dir: Path) -> Tracker:
         if not distributed.is_main_process():
             return cls()
-        mode = resolve_mode(cfg.wandb.mode)
+        mode, reason = mode_and_reason(cfg.wandb.mode)
         if mode == "disabled":
             return cls()
         import wandb
@@ -87,9 +94,8 @@ class Tracker:
             settings=wandb.Settings(silent=True, console="off"),
         )
         if mode == "offline":
-            why = "no W&B credentials found" if cfg.wandb.mode == "auto" else "wandb.mode=offline"
             distributed.main_print(
-                f"fmdist: W&B logging offline ({why}) to {Path(run.dir).parent}; upload later with: "
+                f"fmdist: W&B logging offline ({reason}) to {Path(run.dir).parent}; upload later with: "
                 f"wandb sync {Path(run.dir).parent}"
             )
         else:

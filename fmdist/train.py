@@ -307,7 +307,9 @@ def _write_final_outputs(cfg, runtime, folder: RunFolder, bare_model, history, f
     """model.pt, curves.png, confusion.png and summary.json; then the W&B run's images and summary."""
     gflops = forward_gflops(bare_model, cfg.model.in_channels, cfg.data.image_size)
     summary = run_summary(cfg, runtime.world_size, counts, history, final.confusion, classes, gflops)
-    summary.update(distributed.peak_memory_mb(runtime.device))
+    peaks = distributed.gather_objects(distributed.peak_memory_mb(runtime.device))
+    summary.update(peaks[0])  # rank 0's, and every process's beside it
+    summary["peak_rss_mb_per_process"] = [peak["peak_rss_mb"] for peak in peaks]
 
     def write():
         folder.write_json(HISTORY_FILE, history)

@@ -252,7 +252,8 @@ def comparable(history: list[dict]) -> list[dict]:
 
 
 def read_wandb_run(run_file: Path) -> dict:
-    """The records of an offline W&B run (its run-<id>.wandb file): run metadata, history rows, summary.
+    """The records of an offline W&B run (its run-<id>.wandb file): run metadata (its group and job
+    type among them), config, history rows, summary.
 
     The file is a LevelDB-style log: a 7-byte header (":W&B", magic 0xBEE1, version 0), then 32 KiB
     blocks of records, each a 7-byte header (CRC32, little-endian length, type: 1 full, 2 first,
@@ -275,13 +276,18 @@ def read_wandb_run(run_file: Path) -> dict:
         pieces = chunk if kind in (1, 2) else pieces + chunk
         if kind in (1, 4):
             payloads.append(pieces)
-    result = {"run": None, "history": [], "summary": {}}
+    result = {"run": None, "config": {}, "history": [], "summary": {}}
     for payload in payloads:
         record = wandb_internal_pb2.Record()
         record.ParseFromString(payload)
         kind = record.WhichOneof("record_type")
         if kind == "run":
             result["run"] = record.run
+            for item in record.run.config.update:
+                result["config"][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+        elif kind == "config":  # changes made after init (run.config.update)
+            for item in record.config.update:
+                result["config"][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
         elif kind == "history":
             result["history"].append(
                 {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}

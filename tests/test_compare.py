@@ -2,13 +2,17 @@
 
 import json
 import re
+import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 
+from fmdist import plots, report
 from fmdist.report import RunResult, analysis, overfitting_sentence
 
-from helpers import CONFIGS, REPO, read_history, run_command
+from helpers import CONFIGS, REPO, launch_env, read_history, read_wandb_run, run_command, train, write_kaggle_csv
 
 REGIMES = ["pretrained", "scratch", "frozen"]
 ALL_REGIMES = [*REGIMES, "partial"]
@@ -35,6 +39,28 @@ def table_rows(report: str) -> dict[str, list[str]]:
     return rows
 
 
+def expected_row(run_dir: Path) -> list[str]:
+    """A run's row of the report table, worked out from its history.json (and, for the parameter
+    counts, which only the summary holds, its summary.json)."""
+    history = read_history(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    best = max(history, key=lambda r: r["val_acc"])
+    last = history[-1]
+    seconds = round(sum(r["epoch_seconds"] for r in history))
+    images_per_sec = sum(r["train_images_per_sec"] for r in history) / len(history)
+    return [
+        summary["regime"],
+        f"{100 * best['val_acc']:.2f}% ({best['epoch']})",
+        f"{100 * last['val_acc']:.2f}%",
+        f"{last['train_loss']:.4f}",
+        f"{last['val_loss']:.4f}",
+        f"{last['val_loss'] - min(r['val_loss'] for r in history):.4f}",
+        f"{summary['trainable_params']:,} / {summary['total_params']:,}",
+        f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s",
+        f"{images_per_sec:,.0f}",
+    ]
+
+
 def test_smoke_comparison_trains_three_regimes_and_writes_the_report(smoke_comparison):
     out, result = smoke_comparison
     assert f"report written to {out / 'report.md'}" in result.stdout
@@ -44,12 +70,9 @@ def test_smoke_comparison_trains_three_regimes_and_writes_the_report(smoke_compa
     rows = table_rows(report)
     assert list(rows) == REGIMES
     for regime in REGIMES:
+        assert rows[regime] == expected_row(out / regime)
         history = read_history(out / regime)
         summary = json.loads((out / regime / "summary.json").read_text())
-        best = max(history, key=lambda r: r["val_acc"])
-        assert rows[regime][1] == f"{100 * best['val_acc']:.2f}% ({best['epoch']})"
-        assert rows[regime][2] == f"{100 * history[-1]['val_acc']:.2f}%"
-        assert rows[regime][6] == f"{summary['trainable_params']:,} / {summary['total_params']:,}"
         assert summary["regime"] == regime and len(summary["confusion"]) == 10
         assert sum(map(sum, summary["confusion"])) == history[-1]["val_count"]
     assert rows["frozen"][6].split(" / ")[0] != rows["scratch"][6].split(" / ")[0]
@@ -116,11 +139,32 @@ def test_comparison_with_two_processes_per_regime_runs_torchrun_jobs(tmp_path):
     run_command(compare_command("--nproc", "2", "--output-dir", str(out), "epochs=1", "compare.stand_in_epochs=1",
                                 "data.train_size=512", "data.test_size=101", "compare.regimes=[scratch,frozen]"),
                 cwd=REPO, timeout=600)  # fmt: skip
+    rows = table_rows((out / "report.md").read_text())
+    assert list(rows) == ["scratch", "frozen"]
     for regime in ("scratch", "frozen"):
         summary = json.loads((out / regime / "summary.json").read_text())
         assert summary["world_size"] == 2 and summary["global_batch_size"] == 128
         assert read_history(out / regime)[0]["val_count"] == 101
-    assert list(table_rows((out / "report.md").read_text())) == ["scratch", "frozen"]
+        assert rows[regime] == expected_row(out / regime)
+
+
+def test_each_regime_of_a_comparison_is_one_offline_wandb_run_grouped_under_the_comparison(tmp_path):
+    out = tmp_path / "grouped"
+    result = run_command(compare_command("--output-dir", str(out), "epochs=1", "compare.stand_in_epochs=1",
+                                         "data.train_size=256", "data.test_size=64", "wandb.mode=offline"),
+                         cwd=REPO, env={"WANDB_MODE": None, "HOME": str(tmp_path)}, timeout=600)  # fmt: skip
+    offline_lines = [line for line in result.stdout.splitlines() if "W&B logging offline" in line]
+    assert len(offline_lines) == 3 and all("(wandb.mode=offline)" in line for line in offline_lines)
+    # The stand-in pre-training is not part of the comparison: no W&B run of its own.
+    runs = sorted(out.rglob("offline-run-*"))
+    assert [run.relative_to(out).parts[:2] for run in runs] == [(regime, "wandb") for regime in sorted(REGIMES)]
+    for run in runs:
+        regime = run.relative_to(out).parts[0]
+        logged = read_wandb_run(next(run.glob("run-*.wandb")))
+        assert logged["run"].run_group == "grouped", "one group per comparison: its folder's name"
+        assert logged["run"].job_type == regime and logged["run"].display_name == regime
+        assert logged["config"]["regime"] == regime and logged["config"]["wandb"]["group"] == "grouped"
+        assert [row["epoch"] for row in logged["history"]] == [1]
 
 
 def test_partial_fine_tuning_is_compared_as_its_own_regime(tmp_path):
@@ -131,12 +175,68 @@ def test_partial_fine_tuning_is_compared_as_its_own_regime(tmp_path):
     report = (out / "report.md").read_text()
     rows = table_rows(report)
     assert list(rows) == ["frozen", "partial"]
+    assert [rows[regime] for regime in rows] == [expected_row(out / regime) for regime in rows]
     trainable = {regime: int(rows[regime][6].split(" / ")[0].replace(",", "")) for regime in rows}
     assert trainable["frozen"] < trainable["partial"]
     partial = json.loads((out / "partial" / "summary.json").read_text())
     assert partial["regime"] == "partial" and partial["trainable_params"] == trainable["partial"]
     assert "Smoke run: frozen and partial start from stand-in weights" in report
     assert re.search(r"- \*\*partial\*\* (started to overfit|shows no overfitting|levelled off)", report)
+
+
+# Written out, not imported from fmdist.data: a misspelt or reordered name there must fail here.
+FASHION_MNIST_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                       "Ankle boot"]  # fmt: skip
+
+
+def test_a_report_on_fashion_mnist_data_names_the_classes_in_its_table_and_figures(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(300, 28, 28), dtype=np.uint8)
+    labels = np.arange(300) % 10
+    train_csv = write_kaggle_csv(tmp_path / "train.csv", images[:200], labels[:200])
+    test_csv = write_kaggle_csv(tmp_path / "test.csv", images[200:], labels[200:])
+    run_dir = tmp_path / "scratch"
+    train(tmp_path, "--config", str(CONFIGS / "smoke.yaml"), "data.source=csv", f"data.train_csv={train_csv}",
+          f"data.test_csv={test_csv}", "data.train_size=200", "data.test_size=100", "epochs=1", "batch_size=50",
+          f"output_dir={run_dir}")  # fmt: skip
+
+    tick_labels = {}
+    save = plots._save
+
+    def record_tick_labels(fig, path):
+        tick_labels[Path(path).name] = [
+            ([t.get_text() for t in ax.get_xticklabels()], [t.get_text() for t in ax.get_yticklabels()])
+            for ax in fig.axes
+        ]
+        save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", record_tick_labels)
+    assert report.main([str(run_dir), "--output", str(tmp_path / "report")]) == 0
+
+    ((bars_x, _),) = tick_labels["per_class.png"]
+    assert bars_x == FASHION_MNIST_NAMES
+    matrix_x, matrix_y = tick_labels["confusion.png"][0]
+    assert matrix_x == FASHION_MNIST_NAMES and matrix_y == FASHION_MNIST_NAMES
+    text = (tmp_path / "report" / "report.md").read_text()
+    table = re.findall(r"^\| (.+?) \| \d+\.\d% \|$", text, flags=re.M)
+    assert table == FASHION_MNIST_NAMES
+
+
+HELP_MENTIONS = {
+    "fmdist-compare": ["--config PATH", "--nproc", "processes per regime", "--output-dir", "--plan", "key=value",
+                       "compare.regimes"],
+    "fmdist-report": ["DIR", "run folders", "--output", "--title", "--note"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("script", HELP_MENTIONS)
+def test_console_script_help_describes_its_arguments(script):
+    result = subprocess.run([str(Path(sys.executable).parent / script), "--help"], capture_output=True, text=True,
+                            env=launch_env(), timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: {script} ")
+    for mention in HELP_MENTIONS[script]:
+        assert mention in result.stdout
 
 
 # ------------------------------------------------------------------------------ analysis rules

@@ -1,9 +1,11 @@
 """W&B from rank 0 only, offline without credentials; progress as a bar in a terminal, lines elsewhere."""
 
 import fcntl
+import json
 import math
 import os
 import pty
+import re
 import struct
 import subprocess
 import termios
@@ -12,8 +14,18 @@ import pytest
 
 from fmdist import tracking
 from fmdist.config import load_config
+from fmdist.report import TRACKED_SUMMARY_KEYS
 
-from helpers import CONFIGS, launch_env, read_history, read_wandb_run, train, train_command
+from helpers import (
+    CONFIGS,
+    OFFLINE_ENV,
+    launch_env,
+    read_history,
+    read_wandb_run,
+    train,
+    train_command,
+    train_ranks,
+)
 
 SMALL = ("--config", str(CONFIGS / "smoke.yaml"), "data.train_size=512", "data.test_size=100")
 
@@ -28,8 +40,9 @@ def no_credentials(tmp_path, monkeypatch):
 
 def test_two_process_run_makes_exactly_one_offline_wandb_run_matching_history(tmp_path, no_credentials):
     out = tmp_path / "run"
-    result = train(tmp_path, *SMALL, "epochs=3", f"output_dir={out}", "wandb.tags=smoke,ci", nproc=2,
-                   env=no_credentials)  # fmt: skip
+    overrides = ["epochs=3", f"output_dir={out}", "wandb.project=fmdist-ci", "wandb.entity=ci-team",
+                 "wandb.group=nightly", "wandb.tags=smoke,ci"]  # fmt: skip
+    result = train(tmp_path, *SMALL, *overrides, nproc=2, env=no_credentials)
     offline_lines = [line for line in result.stdout.splitlines() if "W&B logging offline" in line]
     assert len(offline_lines) == 1 and "no W&B credentials found" in offline_lines[0]
     assert "upload later with: wandb sync" in offline_lines[0]
@@ -37,20 +50,42 @@ def test_two_process_run_makes_exactly_one_offline_wandb_run_matching_history(tm
     assert len(runs) == 1, "only rank 0 may create a W&B run"
     logged = read_wandb_run(next(runs[0].glob("run-*.wandb")))
 
-    assert logged["run"].job_type == "scratch" and logged["run"].display_name == "run"
-    assert list(logged["run"].tags) == ["smoke", "ci"]
+    run = logged["run"]
+    assert (run.project, run.entity, run.run_group) == ("fmdist-ci", "ci-team", "nightly")
+    assert run.job_type == "scratch" and run.display_name == "run"  # the name defaults to the folder's
+    assert list(run.tags) == ["smoke", "ci"]
+    resolved = load_config(SMALL[1], [*SMALL[2:], *overrides])
+    logged_config = {key: value for key, value in logged["config"].items() if key != "_wandb"}
+    # Compared as JSON, the form W&B stores it in.
+    assert logged_config == json.loads(json.dumps(tracking.public_config(resolved)))
+
     history = read_history(out)
-    rows = {}
-    for row in logged["history"]:
-        rows.setdefault(row["epoch"], {}).update(row)
-    assert sorted(rows) == [1, 2, 3]
-    for record in history:
+    # One row per epoch, at step = epoch; the final images join the last epoch's row.
+    assert [(row["_step"], row["epoch"]) for row in logged["history"]] == [(1, 1), (2, 2), (3, 3)]
+    for row, record in zip(logged["history"], history, strict=True):
         for key, value in record.items():
-            assert math.isclose(rows[record["epoch"]][key], value, rel_tol=1e-12), (key, record["epoch"])
-    assert rows[3]["curves/_type"] == "image-file" and rows[3]["confusion/_type"] == "image-file"
+            assert math.isclose(row[key], value, rel_tol=1e-12), (key, record["epoch"])
+    last_row = logged["history"][-1]
+    assert last_row["curves/_type"] == "image-file" and last_row["confusion/_type"] == "image-file"
+
+    summary = json.loads((out / "summary.json").read_text())
     best = max(history, key=lambda r: r["val_acc"])
     assert logged["summary"]["best_val_acc"] == best["val_acc"]
     assert logged["summary"]["best_epoch"] == best["epoch"]
+    assert {key: logged["summary"][key] for key in TRACKED_SUMMARY_KEYS} == {
+        key: summary[key] for key in TRACKED_SUMMARY_KEYS
+    }
+    # Whatever else the summary holds is W&B's own bookkeeping, the final images, or the last
+    # epoch's metrics, which must be history.json's.
+    images = ("curves", "confusion", "samples")
+    rest = {
+        key: value
+        for key, value in logged["summary"].items()
+        if key not in TRACKED_SUMMARY_KEYS and not key.startswith("_") and key.split("/")[0] not in images
+    }
+    assert rest.keys() == history[-1].keys()
+    for key, value in rest.items():
+        assert math.isclose(value, history[-1][key], rel_tol=1e-12), key
 
 
 def test_disabled_wandb_writes_nothing(tmp_path, no_credentials):
@@ -75,6 +110,39 @@ def test_mode_resolution(tmp_path, monkeypatch):
     assert tracking.resolve_mode("offline") == "offline"
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert tracking.resolve_mode("online") == "disabled"
+
+
+def test_mode_reason_names_what_chose_the_mode(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert tracking.mode_and_reason("auto") == ("offline", "no W&B credentials found")
+    assert tracking.mode_and_reason("offline") == ("offline", "wandb.mode=offline")
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert tracking.mode_and_reason("auto") == ("online", "W&B credentials found")
+    # With credentials at hand, offline can only come from the environment.
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert tracking.mode_and_reason("auto") == ("offline", "WANDB_MODE=offline in the environment")
+    assert tracking.mode_and_reason("online") == ("offline", "WANDB_MODE=offline in the environment")
+    monkeypatch.setenv("WANDB_MODE", "dryrun")
+    assert tracking.mode_and_reason("auto") == ("offline", "WANDB_MODE=dryrun in the environment")
+
+
+def test_a_tracker_offline_by_the_environment_logs_that_reason(tmp_path, monkeypatch, capsys):
+    for key, value in OFFLINE_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)  # credentials exist: they are not why it is offline
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("RANK", raising=False)
+    out = tmp_path / "run"
+    out.mkdir()
+    tracker = tracking.Tracker.start(load_config(CONFIGS / "smoke.yaml", [f"output_dir={out}"]), out)
+    tracker.finish({}, {}, step=0)
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if "W&B" in line]
+    assert line.startswith("fmdist: W&B logging offline (WANDB_MODE=offline in the environment) to ")
+    (offline_run,) = (out / "wandb").glob("offline-run-*")
+    assert line.endswith(f"; upload later with: wandb sync {offline_run}")
 
 
 def test_logged_config_is_the_resolved_config_without_secret_named_keys():
@@ -118,4 +186,19 @@ def test_progress_in_a_terminal_is_a_tqdm_bar(tmp_path):
     assert process.wait(timeout=300) == 0
     text = output.decode(errors="replace")
     assert "epoch 1/1: 100%|" in text and "8/8 [" in text and "images_per_s=" in text
+    assert re.search(r"loss=\d+\.\d{4}", text)
     assert "ETA epoch" not in text
+
+
+def test_in_a_successful_two_rank_run_rank_one_writes_nothing_at_all(tmp_path, no_credentials):
+    # W&B on (offline) and a progress line every step: everything rank 0 prints, rank 1 must not.
+    ranks = train_ranks(tmp_path, *SMALL, "epochs=2", "progress=lines", "progress_every=0.000001",
+                        f"output_dir={tmp_path / 'run'}", nproc=2, env=no_credentials)  # fmt: skip
+    assert [rank.returncode for rank in ranks] == [0, 0], ranks[0].stderr[-3000:] + ranks[1].stderr[-3000:]
+    zero, one = ranks
+    for epoch in (1, 2):
+        assert f"Epoch: {epoch} \tTraining Loss: " in zero.stdout
+        assert f"Epoch: {epoch} \tValidation Loss: " in zero.stdout
+        assert f"epoch {epoch}/2 step 1/4 " in zero.stdout
+    assert "W&B logging offline" in zero.stdout and "fmdist: done:" in zero.stdout
+    assert (one.stdout, one.stderr) == ("", "")
