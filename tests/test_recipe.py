@@ -49,6 +49,31 @@ def test_optimizers_and_the_linear_scaling_rule():
     assert sgd.param_groups[0]["nesterov"] and sgd.param_groups[0]["momentum"] == 0.9
 
 
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_the_fused_update_is_the_reference_update(name):
+    """fmdist's optimizers use the single-kernel (fused) implementations; they compute the same step."""
+    cfg = load_config(None, [f"optimizer.name={name}", "optimizer.weight_decay=0.05", "optimizer.lr=0.01"]).optimizer
+    torch.manual_seed(0)
+    fused_model = resnet18(in_channels=1, num_classes=10, width=8)
+    plain_model = copy.deepcopy(fused_model)
+    fused = build_optimizer(cfg, fused_model)
+    groups = parameter_groups(plain_model, cfg.weight_decay)
+    plain = {
+        "adam": lambda: torch.optim.Adam(groups, lr=0.01, foreach=False),
+        "adamw": lambda: torch.optim.AdamW(groups, lr=0.01, foreach=False),
+        "sgd": lambda: torch.optim.SGD(groups, lr=0.01, momentum=0.9, nesterov=True, foreach=False),
+    }[name]()
+    assert fused.defaults["fused"]
+    inputs, labels = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    for _ in range(3):
+        for model, optimizer in ((fused_model, fused), (plain_model, plain)):
+            optimizer.zero_grad()
+            F.cross_entropy(model(inputs), labels).backward()
+            optimizer.step()
+    for (key, a), (_, b) in zip(fused_model.state_dict().items(), plain_model.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=key)
+
+
 def test_warmup_then_cosine_schedule_values_per_iteration():
     assert [lr_factor(s, 100, 10, "cosine", 0.0) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]
     assert lr_factor(10, 100, 10, "cosine", 0.0) == 1.0
