@@ -86,6 +86,7 @@ def test_sigterm_to_torchrun_checkpoints_mid_epoch_and_the_rerun_finishes_the_sa
     assert returncode != 0
     stops = [line for line in stdout.splitlines() if "stopped by SIGTERM" in line]
     assert len(stops) == 1 and f"exit code {EXIT_CHECKPOINTED}" in stops[0], stdout + stderr
+    assert re.search(r"stopped by SIGTERM at epoch \d+, step \d+", stops[0])  # mid-epoch: the harder resume
     stop_files = [p.name for p in (out / "checkpoints").glob("epoch-*.pt")]
     assert any(name in stops[0] for name in stop_files)
     assert not (out / "model.pt").exists()
