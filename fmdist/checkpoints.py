@@ -84,18 +84,14 @@ class CheckpointStore:
         """The newest checkpoint that loads, best.pt included (with checkpoint_every > 1 it can be
         newer than every periodic file); each unreadable newer one is reported through `warn`."""
         best = self._readable_best(warn)
-        candidates = [(position, path) for position, path in reversed(self.saved()) if not best or position >= best[0]]
-        if best:
-            candidates.append((best[0], self.folder / BEST_FILE))
-        for index, (_, path) in enumerate(candidates):
-            if best and path.name == BEST_FILE:
-                return path, best[1]
+        newer = [path for position, path in reversed(self.saved()) if best is None or position >= best[0]]
+        for index, path in enumerate(newer):
             try:
                 return path, load_checkpoint(path)
             except FmdistError as e:
-                fallback = f"trying {candidates[index + 1][1].name}" if index + 1 < len(candidates) else "none left"
-                warn(f"skipping checkpoint {e}; {fallback}")
-        return None
+                following = newer[index + 1].name if index + 1 < len(newer) else BEST_FILE if best else None
+                warn(f"skipping checkpoint {e}; " + (f"trying {following}" if following else "none left"))
+        return (self.folder / BEST_FILE, best[1]) if best else None
 
     def _readable_best(self, warn: Callable[[str], None]) -> tuple[Position, dict] | None:
         path = self.folder / BEST_FILE
@@ -112,9 +108,6 @@ class CheckpointStore:
         """Every checkpoint file: the periodic ones oldest first, then best.pt."""
         best = self.folder / BEST_FILE
         return [path for _, path in self.saved()] + ([best] if best.is_file() else [])
-
-    def holds_any(self) -> bool:
-        return bool(self.files())
 
     def clear(self, keep: Path | None = None) -> None:
         """Delete every checkpoint but `keep` (a checkpoint the replacing run starts from)."""

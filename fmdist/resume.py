@@ -76,7 +76,7 @@ def plan_start(cfg, folder: RunFolder, store: CheckpointStore, restarted: bool) 
     if restarted and mode == "never":
         notes.append("restarted after a failure: resuming from the latest checkpoint although resume=never")
         mode = "auto"
-    has_checkpoints = store.holds_any()
+    has_checkpoints = bool(store.files())
     finished = (folder / WEIGHTS_FILE).exists()
     started = has_checkpoints or finished or (folder / HISTORY_FILE).exists()
     if mode not in ("auto", "never"):

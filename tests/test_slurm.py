@@ -41,6 +41,16 @@ def finished(cluster: LocalSlurmCluster, job_id: str, timeout: float = JOB_TIMEO
     return cluster.job(job_id)
 
 
+def wait_for_first_checkpoint(cluster: LocalSlurmCluster, job: str, out: Path, log: Path) -> None:
+    """Until the job's run has saved epoch 1; fails if the job ends first or the time runs out."""
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while not (out / "checkpoints" / "epoch-0001.pt").exists():
+        assert time.monotonic() < deadline and cluster.job(job)["JobState"] in ("PENDING", "RUNNING"), (
+            log.read_text() if log.exists() else f"no log at {log}"
+        )
+        time.sleep(0.1)
+
+
 def test_sbatch_compare_runs_the_three_regimes_and_the_report_job_writes_one_report(cluster, tmp_path):
     out = tmp_path / "comparison"
     log = tmp_path / "compare.out"
@@ -78,10 +88,7 @@ def test_a_requeued_job_resumes_from_its_checkpoint_with_every_epoch_once(cluste
     log = tmp_path / "train.out"
     job = submit(cluster, f"--output={log}", str(REPO / "slurm" / "train.sbatch"), *SMOKE, "epochs=8",
                  f"output_dir={out}")  # fmt: skip
-    deadline = time.monotonic() + JOB_TIMEOUT
-    while not (out / "checkpoints" / "epoch-0001.pt").exists():
-        assert time.monotonic() < deadline and cluster.job(job)["JobState"] in ("PENDING", "RUNNING"), log.read_text()
-        time.sleep(0.1)
+    wait_for_first_checkpoint(cluster, job, out, log)
     # What --signal=B:USR1@300 delivers five minutes before the time limit.
     cluster.client("scancel", "--signal=USR1", "--batch", job)
 
@@ -105,10 +112,7 @@ def test_without_requeue_a_stopped_job_ends_checkpointed_and_a_resubmission_resu
     env = {"FMDIST_REQUEUE": "0", "FMDIST_RDZV_HOST": "localhost", "FMDIST_RDZV_PORT": port}
     args = (str(REPO / "slurm" / "train.sbatch"), *SMOKE, "epochs=6", f"output_dir={out}")
     job = submit(cluster, f"--output={tmp_path / 'first.out'}", *args, env=env)
-    deadline = time.monotonic() + JOB_TIMEOUT
-    while not (out / "checkpoints" / "epoch-0001.pt").exists():
-        assert time.monotonic() < deadline and cluster.job(job)["JobState"] in ("PENDING", "RUNNING")
-        time.sleep(0.1)
+    wait_for_first_checkpoint(cluster, job, out, tmp_path / "first.out")
     cluster.client("scancel", "--signal=USR1", "--batch", job)
 
     state = finished(cluster, job)
