@@ -18,7 +18,6 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from fmdist.data import MIN_TRAIN_BATCH
 from fmdist.errors import FmdistError
 from fmdist.regimes import input_normalization
 
@@ -394,11 +393,6 @@ def validate(cfg: TrainConfig, origins: dict[str, str] | None = None) -> None:
 
     require(cfg.epochs >= 1, "epochs", "at least 1")
     require(cfg.batch_size >= 1, "batch_size", "at least 1")
-    require(
-        cfg.eval_only or cfg.batch_size >= MIN_TRAIN_BATCH,
-        "batch_size",
-        f"at least {MIN_TRAIN_BATCH} for training (BatchNorm cannot train on a batch of one image)",
-    )
     require(cfg.eval_batch_size >= 1, "eval_batch_size", "at least 1")
     require(cfg.seed >= 0, "seed", "a non-negative integer")
     require(bool(cfg.resume.strip()), "resume", "auto, never or a checkpoint path")

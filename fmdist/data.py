@@ -242,6 +242,11 @@ def train_loader(split: ImageSplit, batch_size: int, seed: int, data_cfg, device
             f"{split.origin}: {len(split)} training images cannot be shared by {world} processes: each process "
             f"needs at least {MIN_TRAIN_BATCH}, as BatchNorm cannot train on one image"
         )
+    if batch_size < MIN_TRAIN_BATCH:
+        raise FmdistError(
+            f"key 'batch_size': expected at least {MIN_TRAIN_BATCH} for training (BatchNorm cannot train on a "
+            f"batch of one image), got {batch_size}"
+        )
     if batch_size > shard:
         raise FmdistError(
             f"batch_size={batch_size} is larger than each process's share of {split.origin} "
