@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,8 @@ from fmdist.train import in_memory_format
 from fmdist.transforms import BatchTransform
 
 BATCH = 256
+WARMUP_STEPS = 2  # untimed, per training loop
+TRAIN_ROUNDS = 3  # the timed training steps of the two loops alternate in this many rounds
 TARGETS = {"data_ratio": 20.0, "train_ratio": 1.4, "data_rss_ratio": 2.0}
 
 
@@ -90,17 +93,22 @@ def tutorial_loader(images: torch.Tensor, labels: torch.Tensor, shuffle: bool) -
 
 
 def tutorial_data_rate(images, labels, device) -> float:
-    start = time.perf_counter()
-    count = 0
-    for batch, targets in tutorial_loader(images, labels, shuffle=True):
+    """Images per second through the tutorial's batches. Like fmdist's, its loader is built before the
+    clock starts: each side's one-time set-up is left out (fmdist's copy of the split to the device
+    when its loader is built, the tutorial's pandas frame and its uint8 copy when its Dataset is),
+    so both time only iterating batches and the per-batch work."""
+    loader = tutorial_loader(images, labels, shuffle=True)
+    start, count = time.perf_counter(), 0
+    for batch, targets in loader:
         batch, targets = batch.to(device), targets.to(device)
         count += len(targets)
     _sync(device)
     return count / (time.perf_counter() - start)
 
 
-def tutorial_train_rate(images, labels, device, steps: int) -> float:
-    """The tutorial's loop: fp32, contiguous tensors, its data path, loss.item() every step."""
+def tutorial_trainer(images, labels, device) -> Callable[[int], tuple[int, float]]:
+    """The tutorial's loop (fp32, contiguous tensors, its data path, loss.item() every step), warmed
+    up; it trains `count` more steps per call and returns (images, seconds)."""
     torch.manual_seed(0)
     model = resnet18(in_channels=1, num_classes=10).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -116,23 +124,26 @@ def tutorial_train_rate(images, labels, device, steps: int) -> float:
         optimizer.step()
         return loss.item() * len(targets)
 
-    for batch, targets in itertools.islice(batches, 2):  # warm-up
-        step(batch, targets)
-    _reset_gpu_peak(device)
-    start, count = time.perf_counter(), 0
-    for batch, targets in itertools.islice(batches, steps):
-        step(batch, targets)
-        count += len(targets)
-    return count / (time.perf_counter() - start)
+    def run(count: int) -> tuple[int, float]:
+        start, images = time.perf_counter(), 0
+        for batch, targets in itertools.islice(batches, count):
+            step(batch, targets)
+            images += len(targets)
+        return images, time.perf_counter() - start
+
+    run(WARMUP_STEPS)
+    return run
 
 
 def tutorial_eval_rate(images, labels, device) -> float:
     torch.manual_seed(0)
     model = resnet18(in_channels=1, num_classes=10).to(device).eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
+    loader = tutorial_loader(images, labels, shuffle=False)  # one-time set-up, off the clock as fmdist's
+    _sync(device)
     start, count, correct = time.perf_counter(), 0, 0
     with torch.no_grad():
-        for batch, targets in tutorial_loader(images, labels, shuffle=False):
+        for batch, targets in loader:
             batch, targets = batch.to(device), targets.to(device)
             outputs = model(batch)
             criterion(outputs, targets).item()
@@ -154,6 +165,7 @@ def fmdist_data_rate(cfg, runtime, split) -> float:
     transform = BatchTransform.from_config(cfg, runtime.rank, runtime.device)
     loader = train_loader(split, BATCH, cfg.seed, cfg.data, runtime.device)
     loader.sampler.set_epoch(1)
+    _sync(runtime.device)  # the copy of the split to the device is set-up, not batches: it ends before the clock
     start, count = time.perf_counter(), 0
     for batch, targets in loader:
         transform(batch, train=True)
@@ -162,7 +174,8 @@ def fmdist_data_rate(cfg, runtime, split) -> float:
     return count / (time.perf_counter() - start)
 
 
-def fmdist_train_rate(cfg, runtime, split, steps: int) -> float:
+def fmdist_trainer(cfg, runtime, split) -> Callable[[int], tuple[int, float]]:
+    """fmdist's engine with fmdist-train's defaults, warmed up; as tutorial_trainer."""
     model, _ = build_model(cfg)
     optimizer = build_optimizer(cfg.optimizer, model)
     model, optimizer = runtime.accelerator.prepare(in_memory_format(model, cfg), optimizer)
@@ -171,14 +184,26 @@ def fmdist_train_rate(cfg, runtime, split, steps: int) -> float:
     loader.sampler.set_epoch(1)
     batches = iter(loader)
 
-    def run(count: int):
-        return train_one_epoch(model, itertools.islice(batches, count), optimizer, transform, runtime.accelerator,
-                               epoch=1, progress=EpochProgress(), stop_requested=lambda: False)  # fmt: skip
+    def run(count: int) -> tuple[int, float]:
+        stats = train_one_epoch(model, itertools.islice(batches, count), optimizer, transform, runtime.accelerator,
+                                epoch=1, progress=EpochProgress(), stop_requested=lambda: False)  # fmt: skip
+        return stats.images, stats.seconds
 
-    run(2)  # warm-up
-    _reset_gpu_peak(runtime.device)
-    stats = run(steps)
-    return stats.images / stats.seconds
+    run(WARMUP_STEPS)
+    return run
+
+
+def interleaved_rates(runs: dict[str, Callable[[int], tuple[int, float]]], steps: int) -> dict[str, float]:
+    """Images/s of each loop, `steps` steps each, taken in turns over TRAIN_ROUNDS rounds: when the
+    machine's speed drifts (other load on a shared host), both sides see the drift, not one."""
+    rounds = [steps // TRAIN_ROUNDS + (i < steps % TRAIN_ROUNDS) for i in range(TRAIN_ROUNDS)]
+    totals = {name: [0, 0.0] for name in runs}
+    for count in filter(None, rounds):
+        for name, run in runs.items():
+            images, seconds = run(count)
+            totals[name][0] += images
+            totals[name][1] += seconds
+    return {name: images / seconds for name, (images, seconds) in totals.items()}
 
 
 def fmdist_eval_rate(cfg, runtime, split) -> float:
@@ -187,6 +212,7 @@ def fmdist_eval_rate(cfg, runtime, split) -> float:
     bare = runtime.accelerator.unwrap_model(model)
     transform = BatchTransform.from_config(cfg, runtime.rank, runtime.device)
     loader = eval_loader(split, cfg.eval_batch_size, cfg.data, runtime.device)
+    _sync(runtime.device)  # the split's copy to the device ends before the clock, as in fmdist_data_rate
     start = time.perf_counter()
     stats = evaluate(bare, loader, transform, runtime.accelerator, cfg.model.num_classes)
     return stats.count / (time.perf_counter() - start)
@@ -234,11 +260,13 @@ def data_memory_probe(root: str, device: str) -> dict:
     """In a fresh process: peak RSS added by fmdist's data path (both splits, one epoch of batches)."""
     from torchvision import datasets  # noqa: F401 - imported before the window opens, as in the tutorial's probe
 
-    torch.zeros(1)
+    target = torch.device(device)
+    # The device's runtime (a CUDA context: hundreds of MB of host memory) is not the data path's.
+    torch.zeros(1, device=target)
+    _sync(target)
     baseline = _start_rss_window()
     cfg = load_config(None, [f"data.root={root}", "data.download=false", f"cpu={device == 'cpu'}"])
     train_split, test_split = load_splits(cfg.data, cfg.model.num_classes)
-    target = torch.device(device)
     transform = BatchTransform.from_config(cfg, 0, target)
     for loader in (train_loader(train_split, BATCH, 0, cfg.data, target),
                    eval_loader(test_split, cfg.eval_batch_size, cfg.data, target)):  # fmt: skip
@@ -292,15 +320,19 @@ def _reset_gpu_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def _gpu_peak_mb(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+def _gpu_peak_mb(device: torch.device, baseline_mb: float = 0.0) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**20 - baseline_mb if device.type == "cuda" else None
+
+
+def _gpu_allocated_mb(device: torch.device) -> float:
+    return torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
 
 
 # ---------------------------------------------------------------------- the run
 def measure(device_name: str, sizes: Sizes) -> dict:
     started = time.perf_counter()
     # enough training images for the warm-up steps and the timed ones
-    train_size = max(sizes.data_images, (sizes.train_steps + 2) * BATCH)
+    train_size = max(sizes.data_images, (sizes.train_steps + WARMUP_STEPS) * BATCH)
     cfg, runtime, train_split, test_split = fmdist_setup(device_name, train_size, sizes.eval_images)
     device = runtime.device
     train_images, train_labels = train_split.images, train_split.labels
@@ -319,12 +351,19 @@ def measure(device_name: str, sizes: Sizes) -> dict:
         "fmdist": fmdist_data_rate(cfg, runtime, train_split),
     }
     print("fmdist-bench: data pipelines measured", flush=True)
-    tutorial_train = tutorial_train_rate(train_images, train_labels, device, sizes.train_steps)
-    tutorial_gpu = _gpu_peak_mb(device)
-    fmdist_train = fmdist_train_rate(cfg, runtime, train_split, sizes.train_steps)
-    results["train_images_per_sec"] = {"tutorial": tutorial_train, "fmdist": fmdist_train}
+    # Each side's GPU memory: the peak of its build and warm-up above what was allocated before it.
+    before_tutorial = _gpu_allocated_mb(device)
+    _reset_gpu_peak(device)
+    tutorial_run = tutorial_trainer(train_images, train_labels, device)
+    tutorial_gpu = _gpu_peak_mb(device, before_tutorial)
+    before_fmdist = _gpu_allocated_mb(device)
+    _reset_gpu_peak(device)
+    fmdist_run = fmdist_trainer(cfg, runtime, train_split)
+    fmdist_gpu = _gpu_peak_mb(device, before_fmdist)
+    results["train_images_per_sec"] = interleaved_rates({"tutorial": tutorial_run, "fmdist": fmdist_run},
+                                                        sizes.train_steps)  # fmt: skip
     if device.type == "cuda":
-        results["train_gpu_peak_mb"] = {"tutorial": tutorial_gpu, "fmdist": _gpu_peak_mb(device)}
+        results["train_gpu_peak_mb"] = {"tutorial": tutorial_gpu, "fmdist": fmdist_gpu}
     print("fmdist-bench: training steps measured", flush=True)
     results["eval_images_per_sec"] = {
         "tutorial": tutorial_eval_rate(test_split.images, test_split.labels, device),

@@ -14,6 +14,7 @@ import argparse
 import json
 import subprocess
 import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,13 +107,32 @@ def write_plan(plan: Plan, out: Path) -> None:
     print(f"fmdist-compare: plan written to {folder} (regimes: {' '.join(plan.regimes)})", flush=True)
 
 
-def launch(args: list[str], nproc: int) -> int:
-    """Train once with these arguments; the exit code as the trainer documents it."""
+def launch(args: list[str], nproc: int, what: str) -> int:
+    """Train once with these arguments; the exit code as the trainer documents it (1 for a crash)."""
     if nproc == 1:
-        return train.main(args)
+        return train_in_process(args, what)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "fmdist.train", *args]  # fmt: skip
     return subprocess.run(command).returncode
+
+
+def train_in_process(args: list[str], what: str) -> int:
+    """train.main in this process, where a crash (any exception the trainer does not turn into an
+    exit code) would otherwise end the whole comparison."""
+    try:
+        return train.main(args)
+    except Exception as e:
+        print(f"fmdist-compare: {what} crashed: {crash_line(e)}", file=sys.stderr, flush=True)
+        return 1
+
+
+def crash_line(error: Exception) -> str:
+    """The exception's type and first line, and the last place in fmdist it passed through."""
+    first_line = (str(error).strip().splitlines() or [""])[0]
+    package = Path(__file__).resolve().parent
+    ours = [f for f in traceback.extract_tb(error.__traceback__) if Path(f.filename).resolve().parent == package]
+    where = f" (in {ours[-1].name}, fmdist/{Path(ours[-1].filename).name}:{ours[-1].lineno})" if ours else ""
+    return f"{type(error).__name__}{': ' + first_line if first_line else ''}{where}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if plan.stand_in is not None:
         print(f"fmdist-compare: pre-training stand-in weights in {out / STAND_IN_FOLDER}", flush=True)
-        code = launch(plan.stand_in, args.nproc)
+        code = launch(plan.stand_in, args.nproc, "the stand-in pre-training")
         if code != 0:
             print(f"fmdist-compare: the stand-in pre-training failed (exit code {code})", file=sys.stderr)
             return code
@@ -138,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     statuses = {}
     for regime, regime_args in plan.regimes.items():
         print(f"fmdist-compare: {regime} -> {out / regime}", flush=True)
-        statuses[regime] = launch(regime_args, args.nproc)
+        statuses[regime] = launch(regime_args, args.nproc, regime)
         if statuses[regime] == EXIT_CHECKPOINTED:
             print(f"fmdist-compare: stopped during {regime}; run the same command again to resume", file=sys.stderr)
             return EXIT_CHECKPOINTED

@@ -157,7 +157,7 @@ class TrainConfig:
         "auto",
         "autocast precision; auto: bf16 on GPUs that support it (else fp16) and on CPUs with bf16 units "
         "(AMX, AVX512-BF16), no elsewhere (emulated bf16 is slower than fp32); fp16 needs a CUDA GPU "
-        "(falls back to bf16 on CPU)",
+        "(on a CPU it falls back to auto's choice)",
     )
     label_smoothing: float = _key(0.0, "label smoothing of the training loss (validation loss is never smoothed)")
     ema_decay: float = _key(

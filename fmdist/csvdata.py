@@ -29,18 +29,38 @@ def read_kaggle_csv(path: str | Path, num_classes: int) -> tuple[torch.Tensor, t
         raise FmdistError(f"{path}: empty file; expected the header label,pixel1..pixel784 and one row per image")
     lines = raw.splitlines()
     _check_header(path, lines[0])
-    _check_column_counts(path, lines)
-
-    try:
-        frame = pd.read_csv(io.BytesIO(raw), header=0, skip_blank_lines=False, low_memory=False)
-    except (pd.errors.ParserError, ValueError, UnicodeDecodeError) as e:
-        raise FmdistError(f"{path}: not readable as CSV ({str(e).strip().splitlines()[-1]})") from None
+    rows = _without_trailing_blank_lines(lines[1:])
+    if not rows:
+        raise FmdistError(f"{path}: no data rows after the header")
+    malformed = _first_malformed_row(path, rows)
+    # Cells are checked only in the rows above the first malformed one, so whichever defect is
+    # reported is the one nearest the top of the file.
+    well_formed = malformed[0] if malformed else len(rows)
+    frame = _read_rows(path, raw, well_formed)
     values = frame.apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
     _check_cells(path, frame, values, num_classes)
+    if malformed:
+        raise FmdistError(malformed[1])
 
     labels = torch.from_numpy(values[:, 0].astype(np.int64))
     images = torch.from_numpy(values[:, 1:].astype(np.uint8).reshape(-1, IMAGE_SIDE, IMAGE_SIDE))
     return images, labels
+
+
+def _without_trailing_blank_lines(rows: list[bytes]) -> list[bytes]:
+    """Editors and exports often end a file with blank lines; they hold no image."""
+    end = len(rows)
+    while end and not rows[end - 1].strip():
+        end -= 1
+    return rows[:end]
+
+
+def _read_rows(path: Path, raw: bytes, count: int) -> pd.DataFrame:
+    """The first `count` data rows; pandas would read the blank lines after them as rows of NaN."""
+    try:
+        return pd.read_csv(io.BytesIO(raw), header=0, nrows=count, skip_blank_lines=False, low_memory=False)
+    except (pd.errors.ParserError, ValueError, UnicodeDecodeError) as e:
+        raise FmdistError(f"{path}: not readable as CSV ({str(e).strip().splitlines()[-1]})") from None
 
 
 def _check_header(path: Path, first_line: bytes) -> None:
@@ -54,17 +74,16 @@ def _check_header(path: Path, first_line: bytes) -> None:
             raise FmdistError(f"{path}: line 1 (header), column {index}: expected '{expected}', found '{found}'")
 
 
-def _check_column_counts(path: Path, lines: list[bytes]) -> None:
-    while lines and not lines[-1].strip():  # trailing blank lines are harmless
-        lines = lines[:-1]
-    if len(lines) < 2:
-        raise FmdistError(f"{path}: no data rows after the header")
-    for number, line in enumerate(lines[1:], start=2):
+def _first_malformed_row(path: Path, rows: list[bytes]) -> tuple[int, str] | None:
+    """(index in `rows`, message) of the first blank row or row with the wrong number of columns."""
+    for index, line in enumerate(rows):
+        number = index + 2  # the header is line 1
         if not line.strip():
-            raise FmdistError(f"{path}: line {number} is blank; expected {len(COLUMNS)} comma-separated values")
+            return index, f"{path}: line {number} is blank; expected {len(COLUMNS)} comma-separated values"
         columns = line.count(b",") + 1
         if columns != len(COLUMNS):
-            raise FmdistError(f"{path}: line {number} has {columns} columns, expected {len(COLUMNS)}")
+            return index, f"{path}: line {number} has {columns} columns, expected {len(COLUMNS)}"
+    return None
 
 
 def _check_cells(path: Path, frame: pd.DataFrame, values: np.ndarray, num_classes: int) -> None:

@@ -108,6 +108,11 @@ def restart_count() -> int:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
 
 
+def elastic_run_id() -> str:
+    """The rendezvous id torchrun gives every attempt of one launch ('' outside torchrun)."""
+    return os.environ.get("TORCHELASTIC_RUN_ID", "")
+
+
 def _attempt(fn: Callable[[], T], on_this_rank: bool) -> tuple[T | None, BaseException | None]:
     if not on_this_rank:
         return None, None
@@ -178,8 +183,13 @@ def resolve_mixed_precision(requested: str, device_type: str) -> str:
             return "bf16" if cpu_has_bf16_units() else "no"
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if requested == "fp16" and device_type != "cuda":
-        warn("mixed_precision=fp16 needs a CUDA GPU (CPU autocast has no fp16 with loss scaling); using bf16")
-        return "bf16"
+        # What auto would choose: bf16 only where the CPU computes it natively, fp32 elsewhere.
+        fallback = "bf16" if cpu_has_bf16_units() else "no"
+        warn(
+            "mixed_precision=fp16 needs a CUDA GPU (CPU autocast has no fp16 with loss scaling); "
+            f"using {fallback if fallback == 'bf16' else 'fp32 (no)'}"
+        )
+        return fallback
     if requested == "bf16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
         warn("this GPU has no bf16 support; using mixed_precision=fp16")
         return "fp16"
@@ -261,5 +271,10 @@ def peak_memory_mb(device: torch.device) -> dict[str, float]:
 
 
 def shutdown() -> None:
+    """End the run's process group, and Accelerate's process-wide state with it: another run in the
+    same process (fmdist-compare --nproc 1, fmdist.seeds) may want another precision or device."""
     if _initialized():
         dist.destroy_process_group()
+    accelerate_state = sys.modules.get("accelerate.state")  # absent when setup never ran
+    if accelerate_state is not None:
+        accelerate_state.AcceleratorState._reset_state(reset_partial_state=True)

@@ -127,6 +127,7 @@ def pretrained_model(cfg) -> nn.Module:
     source_stem = "cifar" if conv1 is not None and conv1.shape[-1] == 3 else "imagenet"
     model = resnet(arch, source_channels, source_classes, cfg.model.width, stem=source_stem)
     load_into(model, state, path, f"{arch} (width {cfg.model.width})")
+    distributed.main_print(f"fmdist: starting weights {cfg.model.weights}: {path}")
     return model
 
 

@@ -12,11 +12,13 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import yaml
 
 from fmdist import plots
 from fmdist.errors import FmdistError
+from fmdist.optim import scaled_lr
 from fmdist.outputs import CONFIG_FILE, HISTORY_FILE, SUMMARY_FILE, atomic_write
 
 REPORT_FILE = "report.md"
@@ -34,6 +36,7 @@ def run_summary(cfg, world_size: int, counts, history: list[dict], confusion, cl
     per_class = [row[i] / max(sum(row), 1) for i, row in enumerate(confusion)]
     return {
         "regime": cfg.regime,
+        "unfreeze": list(cfg.model.unfreeze) if cfg.regime == "partial" else None,
         "arch": cfg.model.arch,
         "weights": None if cfg.regime == "scratch" else cfg.model.weights,
         "stem": cfg.model.stem,
@@ -52,12 +55,32 @@ def run_summary(cfg, world_size: int, counts, history: list[dict], confusion, cl
         "min_val_loss": lowest["val_loss"],
         "min_val_loss_epoch": lowest["epoch"],
         "overfitting_gap": last["val_loss"] - lowest["val_loss"],
-        "wall_seconds": sum(r["epoch_seconds"] for r in history),
+        # From the start of the run to the end of its last epoch; older histories only timed the epochs.
+        "wall_seconds": last.get("wall_seconds", sum(r["epoch_seconds"] for r in history)),
         "train_images_per_sec": sum(r["train_images_per_sec"] for r in history) / len(history),
+        **ema_summary(history),
         "classes": list(classes),
         "confusion": confusion,
         "per_class_accuracy": per_class,
     }
+
+
+def ema_summary(history: list[dict]) -> dict:
+    """Best and final validation accuracy of the moving average of the weights (None without ema_decay)."""
+    averaged = [r for r in history if "ema_val_acc" in r]
+    if not averaged:
+        return {"best_ema_val_acc": None, "best_ema_epoch": None, "final_ema_val_acc": None}
+    best = max(averaged, key=lambda r: r["ema_val_acc"])
+    return {"best_ema_val_acc": best["ema_val_acc"], "best_ema_epoch": best["epoch"],
+            "final_ema_val_acc": averaged[-1]["ema_val_acc"]}  # fmt: skip
+
+
+def run_label(summary: dict) -> str:
+    """The run's name in the report: its regime, and for partial fine-tuning what it unfreezes, so
+    that two partial variants are two rows."""
+    if summary["regime"] == "partial" and summary.get("unfreeze"):
+        return f"partial ({', '.join(summary['unfreeze'])})"
+    return summary["regime"]
 
 
 @dataclass
@@ -80,7 +103,7 @@ def load_run(folder: Path) -> RunResult:
         summary = json.loads((folder / SUMMARY_FILE).read_text())
     except (yaml.YAMLError, json.JSONDecodeError) as e:
         raise FmdistError(f"{folder}: unreadable run files ({e})") from None
-    return RunResult(summary["regime"], folder, config, history, summary)
+    return RunResult(run_label(summary), folder, config, history, summary)
 
 
 # ---------------------------------------------------------------------------------- analysis
@@ -92,12 +115,22 @@ def overfitting_sentence(run: RunResult) -> str:
     train_at_lowest = next(r["train_loss"] for r in history if r["epoch"] == lowest_epoch)
     margin = max(OVERFIT_MARGIN[0], OVERFIT_MARGIN[1] * s["min_val_loss"])
     if lowest_epoch == last_epoch:
-        return f"**{run.name}** shows no overfitting: validation loss was still at its lowest in the last epoch ({s['final_val_loss']:.4f})."
+        return (
+            f"**{run.name}** shows no overfitting: validation loss was still at its lowest in the last epoch "
+            f"({s['final_val_loss']:.4f})."
+        )
     if s["overfitting_gap"] > margin and s["final_train_loss"] < train_at_lowest:
         return (
             f"**{run.name}** started to overfit after epoch {lowest_epoch}: validation loss rose from "
             f"{s['min_val_loss']:.4f} to {s['final_val_loss']:.4f} by epoch {last_epoch} while training loss "
             f"fell from {train_at_lowest:.4f} to {s['final_train_loss']:.4f}."
+        )
+    if s["overfitting_gap"] > margin:
+        # Overfitting is the training loss falling while the validation loss rises; both rising is not it.
+        return (
+            f"**{run.name}** was unstable rather than overfitting: validation loss rose by {s['overfitting_gap']:.4f} "
+            f"after epoch {lowest_epoch} (from {s['min_val_loss']:.4f} to {s['final_val_loss']:.4f} by epoch "
+            f"{last_epoch}) while training loss did not fall ({train_at_lowest:.4f} to {s['final_train_loss']:.4f})."
         )
     return (
         f"**{run.name}** levelled off: validation loss was lowest at epoch {lowest_epoch} ({s['min_val_loss']:.4f}) "
@@ -160,8 +193,8 @@ def write_report(runs: list[RunResult], out_dir: Path, title: str, notes: list[s
     setup = (
         f"{first.summary['arch']}, {first.summary['epochs']} epochs, global batch {first.summary['global_batch_size']} "
         f"on {first.summary['world_size']} process(es), data: {first.config['data']['source']}, "
-        f"optimizer {first.config['optimizer']['name']} lr {first.config['optimizer']['lr']}, "
-        f"seed {first.config['seed']}"
+        f"optimizer {first.config['optimizer']['name']} "
+        f"{_learning_rate(first.config['optimizer'], first.summary['global_batch_size'])}, seed {first.config['seed']}"
     )
     lines = [f"# {title}", ""]
     lines += [f"> {note}" for note in notes] + ([""] if notes else [])
@@ -179,7 +212,13 @@ def write_report(runs: list[RunResult], out_dir: Path, title: str, notes: list[s
             f"| {s['trainable_params']:,} / {s['total_params']:,} | {_duration(s['wall_seconds'])} "
             f"| {s['train_images_per_sec']:,.0f} |"
         )
-    lines += ["", "The overfitting gap is the final validation loss minus its minimum over the epochs.", ""]
+    lines += [
+        "",
+        "The overfitting gap is the final validation loss minus its minimum over the epochs. The wall time "
+        "runs from the start of the run to the end of its last epoch, start-up included.",
+        "",
+    ]
+    lines += ema_table(runs)
     if unfinished:
         lines += ["Not in this report: " + "; ".join(unfinished) + ".", ""]
     lines += ["## Analysis", ""] + [f"- {sentence}" for sentence in analysis(runs)] + [""]
@@ -194,6 +233,35 @@ def write_report(runs: list[RunResult], out_dir: Path, title: str, notes: list[s
     path = out_dir / REPORT_FILE
     atomic_write(path, "\n".join(lines).encode())
     return path
+
+
+def _learning_rate(optimizer: dict, global_batch: int) -> str:
+    """The rate the runs trained with: with optimizer.scale_lr, not the configured lr."""
+    if not optimizer.get("scale_lr"):
+        return f"lr {optimizer['lr']}"
+    rate = scaled_lr(SimpleNamespace(**optimizer), global_batch)
+    return (
+        f"lr {rate:g} (optimizer.scale_lr: {optimizer['lr']} x global batch {global_batch} / "
+        f"{optimizer['reference_batch']})"
+    )
+
+
+def ema_table(runs: list[RunResult]) -> list[str]:
+    """The moving average's accuracy, when any run kept one (ema_decay)."""
+    if all(run.summary.get("best_ema_val_acc") is None for run in runs):
+        return []
+    lines = ["Validation accuracy of the exponential moving average of the weights (`ema_decay`):", "",
+             "| regime | best EMA val acc (epoch) | final EMA val acc |", "| --- | --- | --- |"]  # fmt: skip
+    for run in runs:
+        s = run.summary
+        if s.get("best_ema_val_acc") is None:
+            lines.append(f"| {run.name} | off | off |")
+        else:
+            lines.append(
+                f"| {run.name} | {100 * s['best_ema_val_acc']:.2f}% ({s['best_ema_epoch']}) "
+                f"| {100 * s['final_ema_val_acc']:.2f}% |"
+            )
+    return lines + [""]
 
 
 def _unique_names(runs: list[RunResult]) -> None:

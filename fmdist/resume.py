@@ -3,8 +3,10 @@
 A run's fingerprint is every setting that changes what it computes (model, regime, data and
 its content, batch size, world size, precision, optimizer, seed). Resuming under a different
 fingerprint would silently splice two experiments together, so it is refused with the
-differing keys named. Settings that do not change the computation (output paths, epochs,
-checkpoint cadence, evaluation batch size, worker count, device) may change between attempts.
+differing keys named. Settings that do not change the computation (output paths, checkpoint
+cadence, evaluation batch size, data loading, device) may change between attempts, and so may
+`epochs` while the learning rate is constant (a decaying schedule is spread over all epochs, so
+there `epochs` is part of the run).
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ def fingerprint(cfg, world_size: int, mixed_precision: str, digest: str) -> dict
         if info.key not in NOT_FINGERPRINTED and not info.key.startswith(NOT_FINGERPRINTED_SECTIONS):
             section, _, leaf = info.key.rpartition(".")
             values[info.key] = repr(getattr(getattr(cfg, section) if section else cfg, leaf))
+    if cfg.optimizer.schedule != "constant":  # the decay is spread over all epochs: more epochs, another curve
+        values["epochs"] = repr(cfg.epochs)
     values["world size"] = str(world_size)
     values["mixed precision in effect"] = mixed_precision
     values["data content"] = digest

@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 
 from fmdist import distributed
 from fmdist.config import to_dict
-from fmdist.outputs import WANDB_RUN_ID_FILE
+from fmdist.outputs import WANDB_RUN_ID_FILE, atomic_write
 
 _SECRET_WORDS = ("key", "token", "secret", "password")
 
@@ -78,7 +78,7 @@ class Tracker:
 
         id_file = Path(output_dir) / WANDB_RUN_ID_FILE
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
-        id_file.write_text(run_id + "\n")
+        atomic_write(id_file, f"{run_id}\n".encode())
         run = wandb.init(
             project=cfg.wandb.project,
             entity=cfg.wandb.entity,

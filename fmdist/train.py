@@ -40,7 +40,13 @@ from fmdist.outputs import (
     SUMMARY_FILE,
     RunFolder,
 )
-from fmdist.preemption import Checkpointed, StopSignals, mark_checkpointed
+from fmdist.preemption import (
+    Checkpointed,
+    StopSignals,
+    mark_checkpointed,
+    note_stopped_attempt,
+    previous_attempt_stopped,
+)
 from fmdist.progress import make_progress
 from fmdist.regimes import build_model
 from fmdist.report import TRACKED_SUMMARY_KEYS, run_summary
@@ -73,23 +79,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    launched = time.perf_counter()
+    # First of all: a preemption during start-up (data, model, rendezvous) still ends in a checkpoint.
+    stop = StopSignals().install()
     args = parse_args(argv)
     try:
-        run(load_config(args.config, args.overrides))
+        run(load_config(args.config, args.overrides), stop, launched)
     except FmdistError as e:
         distributed.main_print(f"fmdist: error: {e}", file=sys.stderr)
         return e.exit_code
-    except Checkpointed as stop:
-        log(f"fmdist: {stop}")
-        if distributed.is_main_process():
-            mark_checkpointed(stop.checkpoint)
-        return stop.exit_code
+    except Checkpointed as stopped:
+        log(f"fmdist: {stopped}")
+        return stopped.exit_code
     finally:
+        stop.uninstall()
         distributed.shutdown()
     return 0
 
 
-def run(cfg: TrainConfig) -> list[dict] | dict:
+def run(cfg: TrainConfig, stop: StopSignals, launched: float) -> list[dict] | dict:
+    """`stop`: the signal handlers, installed as early as main could; `launched`: when main started
+    (perf_counter), so that a run's wall time includes its start-up."""
     runtime = distributed.setup(cfg)
     folder = RunFolder(cfg.output_dir)
     distributed.run_synced(folder.ensure_writable, on_this_rank=distributed.is_main_process())
@@ -105,7 +115,7 @@ def run(cfg: TrainConfig) -> list[dict] | dict:
     test_batches = eval_loader(test_split, cfg.eval_batch_size, cfg.data, runtime.device)
     if cfg.eval_only:
         return _evaluate_only(cfg, runtime, folder, test_split, test_batches)
-    return _train(cfg, runtime, folder, train_split, test_split, test_batches)
+    return _train(cfg, runtime, folder, train_split, test_split, test_batches, stop, launched)
 
 
 def in_memory_format(model, cfg):
@@ -141,13 +151,19 @@ def _evaluate_only(cfg, runtime, folder: RunFolder, test_split, test_batches) ->
     return result
 
 
-def _train(cfg, runtime, folder: RunFolder, train_split, test_split, test_batches) -> list[dict]:
+def _train(cfg, runtime, folder: RunFolder, train_split, test_split, test_batches, stop, launched) -> list[dict]:
     accelerator = runtime.accelerator
     main_process = distributed.is_main_process()
     train_batches = train_loader(train_split, cfg.batch_size, cfg.seed, cfg.data, runtime.device)
     store = CheckpointStore(folder / CHECKPOINT_DIR)
-    restarted = distributed.restart_count() > 0
-    plan = distributed.decide_on_main(lambda: plan_start(cfg, folder, store, restarted))
+    restarts, elastic_run = distributed.restart_count(), distributed.elastic_run_id()
+    if distributed.decide_on_main(lambda: previous_attempt_stopped(folder.path, restarts, elastic_run)):
+        raise Checkpointed(
+            f"torchrun restarted the workers after a stop signal ended attempt {restarts - 1}; not training on "
+            f"(exit code {Checkpointed.exit_code}); run the same command again to resume",
+            None,
+        )
+    plan = distributed.decide_on_main(lambda: plan_start(cfg, folder, store, restarts > 0))
     for note in plan.notes:
         distributed.warn(note)
 
@@ -163,8 +179,7 @@ def _train(cfg, runtime, folder: RunFolder, train_split, test_split, test_batche
     if plan.resume_from is not None:
         checkpoint = load_checkpoint(plan.resume_from)
         check_same_run(checkpoint["fingerprint"], run_fingerprint, plan.resume_from)
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        load_model_and_optimizer(checkpoint, model, optimizer, plan.resume_from)
 
     # Written only now that data, weights and checkpoint are known to be good: a run that
     # fails on bad input leaves the folder as it found it.
@@ -192,6 +207,7 @@ def _train(cfg, runtime, folder: RunFolder, train_split, test_split, test_batche
 
     history: list[dict] = []
     start, partial = Position(0), EpochProgress()
+    earlier_seconds = 0.0  # wall time of the epochs earlier launches of this run completed
     if checkpoint is not None:
         if checkpoint.get("scaler") is not None and accelerator.scaler is not None:
             accelerator.scaler.load_state_dict(checkpoint["scaler"])
@@ -206,10 +222,11 @@ def _train(cfg, runtime, folder: RunFolder, train_split, test_split, test_batche
         start = Position(checkpoint["epoch"], checkpoint["step"])
         if start.step:
             partial = EpochProgress(step=start.step, **(checkpoint["partial"] if main_process else {}))
+        earlier_seconds = history_wall_seconds(history) + partial.seconds
         log(f"fmdist: resuming from {plan.resume_from} ({start.describe()})")
         checkpoint = None  # the optimizer and model hold their own copies now
 
-    def save_checkpoint(position: Position, progress: EpochProgress | None, periodic: bool, best: bool):
+    def save_checkpoint(position: Position, progress: EpochProgress | None, periodic: bool, best: bool, stopping=False):
         rng_states = distributed.gather_objects(capture_rng(transform.generator))
 
         def write():
@@ -229,7 +246,12 @@ def _train(cfg, runtime, folder: RunFolder, train_split, test_split, test_batche
                 "rng": rng_states,
                 "fingerprint": run_fingerprint,
             }
-            return store.save(state, position, periodic=periodic, best=best, keep=cfg.keep_checkpoints)
+            path = store.save(state, position, periodic=periodic, best=best, keep=cfg.keep_checkpoints)
+            if stopping:  # before the other ranks are released to exit, and a supervisor with them
+                mark_checkpointed(path)
+                if elastic_run:
+                    note_stopped_attempt(folder.path, elastic_run)
+            return path
 
         return distributed.decide_on_main(write)
 
@@ -242,7 +264,6 @@ def _train(cfg, runtime, folder: RunFolder, train_split, test_split, test_batche
 
     tracker = distributed.run_synced(lambda: Tracker.start(cfg, folder.path), on_this_rank=main_process) or Tracker()
     display = make_progress(cfg.progress, cfg.progress_every, cfg.epochs, cfg.batch_size * runtime.world_size)
-    stop = StopSignals().install()
     best_accuracy = max((record["val_acc"] for record in history), default=-1.0)
     for epoch in range(start.epoch + 1, cfg.epochs + 1):
         progress = partial if epoch == start.epoch + 1 else EpochProgress()
@@ -255,7 +276,7 @@ def _train(cfg, runtime, folder: RunFolder, train_split, test_split, test_batche
         )  # fmt: skip
         display.end_epoch()
         if isinstance(trained, EpochProgress):
-            path = save_checkpoint(Position(epoch - 1, trained.step), trained, periodic=True, best=False)
+            path = save_checkpoint(Position(epoch - 1, trained.step), trained, periodic=True, best=False, stopping=True)
             raise Checkpointed(_stopped_message(stop, f"epoch {epoch}, step {trained.step}", path), path)
         log(f"Epoch: {epoch} \tTraining Loss: {trained.loss:.6f}")
         # Each rank's last step updated its BatchNorm statistics from its own batch; evaluate
@@ -277,6 +298,7 @@ def _train(cfg, runtime, folder: RunFolder, train_split, test_split, test_batche
                 "val_count": validated.count,
                 "lr": optimizer.param_groups[0]["lr"],
                 "epoch_seconds": time.perf_counter() - epoch_start,
+                "wall_seconds": earlier_seconds + time.perf_counter() - launched,
                 "train_images_per_sec": trained.images / trained.seconds if trained.seconds > 0 else 0.0,
             }
         )
@@ -292,15 +314,34 @@ def _train(cfg, runtime, folder: RunFolder, train_split, test_split, test_batche
         best = validated.accuracy > best_accuracy
         best_accuracy = max(best_accuracy, validated.accuracy)
         periodic = epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs
-        stopping = distributed.any_rank_flags([stop.requested()])[0]
+        # A stop after the last epoch is no stop: the run finishes.
+        stopping = distributed.any_rank_flags([stop.requested()])[0] and epoch < cfg.epochs
         if periodic or best or stopping:
-            path = save_checkpoint(Position(epoch), None, periodic=periodic or stopping, best=best)
-        if stopping and epoch < cfg.epochs:
+            path = save_checkpoint(Position(epoch), None, periodic=periodic or stopping, best=best, stopping=stopping)
+        if stopping:
             raise Checkpointed(_stopped_message(stop, f"the end of epoch {epoch}", path), path)
 
     _write_final_outputs(cfg, runtime, folder, bare_model, history, validated, counts, test_split.classes, tracker)
     log(f"fmdist: done: best validation accuracy {best_accuracy:.4f}; results in {folder.path}")
     return history
+
+
+def load_model_and_optimizer(checkpoint: dict, model, optimizer, path) -> None:
+    """A checkpoint can match the run's fingerprint and still not fit (edited, or from a changed
+    fmdist): say which file, in one line, before anything is written."""
+    try:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        reason = " ".join(str(e).split())
+        raise FmdistError(f"{path}: checkpoint does not fit this run's model or optimizer ({reason[:300]})") from None
+
+
+def history_wall_seconds(history: list[dict]) -> float:
+    """The wall time a history's epochs took (older histories lack wall_seconds: their epochs' sum)."""
+    if not history:
+        return 0.0
+    return history[-1].get("wall_seconds", sum(record["epoch_seconds"] for record in history))
 
 
 def _write_final_outputs(cfg, runtime, folder: RunFolder, bare_model, history, final, counts, classes, tracker):

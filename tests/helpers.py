@@ -247,7 +247,8 @@ def child_pids(pid: int) -> list[int]:
 def comparable(history: list[dict]) -> list[dict]:
     """A history without its timings, which differ between any two runs."""
     return [
-        {k: v for k, v in record.items() if k not in ("epoch_seconds", "train_images_per_sec")} for record in history
+        {k: v for k, v in record.items() if k not in ("epoch_seconds", "wall_seconds", "train_images_per_sec")}
+        for record in history
     ]
 
 

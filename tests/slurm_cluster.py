@@ -69,22 +69,40 @@ class LocalSlurmCluster:
         return self
 
     def stop(self) -> None:
-        """Cancel every job, then end the daemons this object started (newest first)."""
-        if any(name == "slurmctld" and p.poll() is None for name, p in self.daemons):
-            self.client("scancel", "--full", "--user", "root", check=False)
-            try:
-                self._wait_for(lambda: not self.client("squeue", "-h", check=False).stdout.strip(), 60, "no jobs")
-            except ClusterError:
-                pass
+        """Cancel every job, then end every daemon this object started (newest first), whatever
+        failed before or fails on the way."""
+        try:
+            self._cancel_all_jobs()
+        finally:
+            self._end_daemons()
+
+    def _cancel_all_jobs(self, timeout: float = 60) -> None:
+        if not any(name == "slurmctld" and p.poll() is None for name, p in self.daemons):
+            return
+        deadline = time.monotonic() + timeout
+        try:
+            self.client("scancel", "--full", "--user", "root", check=False, timeout=30)
+            while self.client("squeue", "-h", check=False, timeout=30).stdout.strip():
+                if time.monotonic() > deadline:
+                    return
+                time.sleep(0.25)
+        except subprocess.TimeoutExpired:
+            pass  # a controller that does not answer: ending the daemons is all that is left to do
+
+    def _end_daemons(self, grace: float = 20) -> None:
         for _name, process in reversed(self.daemons):
             if process.poll() is None:
                 process.terminate()
+        deadline = time.monotonic() + grace
         for _name, process in reversed(self.daemons):
             try:
-                process.wait(timeout=20)
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 process.kill()
-                process.wait()
+                try:
+                    process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    pass  # unkillable (stuck in the kernel); nothing more to do from here
         self.daemons.clear()
 
     def _spawn(self, name: str, command: list[str]) -> subprocess.Popen:

@@ -18,7 +18,7 @@ import torchvision
 from fmdist import models
 from fmdist.errors import FmdistError
 
-from helpers import CONFIGS, REPO, train, train_ranks, write_kaggle_csv
+from helpers import CONFIGS, REPO, train, train_ranks, write_idx, write_kaggle_csv
 
 HEADER = "label," + ",".join(f"pixel{i}" for i in range(1, 785))
 GOOD_ROW = "3," + ",".join(["7"] * 784)
@@ -91,6 +91,12 @@ CASES = {
         "model.unfreeze: ResNet has no module 'layer4.2'"),
     "config: file missing": Case(lambda t: ["--config-file", str(t / "nope.yaml")], "nope.yaml: config file not found"),
     "config: not valid YAML": Case(lambda t: ["--config-file", _yaml(t, "epochs: [1\n")], "mine.yaml: line 3 not valid YAML"),
+    "config: file not a mapping": Case(
+        lambda t: ["--config-file", str(_text(t / "list.yaml", "- epochs\n- 3\n"))],
+        "list.yaml: expected a mapping of config keys at the top level"),
+    "config: section given one value": Case(
+        lambda t: ["--config-file", _yaml(t, "optimizer: adam\n")],
+        "mine.yaml: key 'optimizer' is a section; expected a mapping such as 'optimizer: {...}'"),
     "config: extends cycle": Case(
         lambda t: ["--config-file", _extends_cycle(t)], "a.yaml: 'extends' forms a cycle"),
     "config: command-line item without =": Case(lambda t: ["epochs"], "command line: expected key=value, got 'epochs'"),
@@ -103,6 +109,10 @@ CASES = {
     "csv: header only": Case(csv_case(lambda t: _text(t / "bad.csv", HEADER + "\n")), "bad.csv: no data rows after the header"),
     "csv: wrong header": Case(csv_case(lambda t: csv_with(t, header=HEADER.replace("pixel5,", "px5,"))),
                               "line 1 (header), column 6: expected 'pixel5', found 'px5'"),
+    "csv: header with a wrong column count": Case(
+        csv_case(lambda t: csv_with(t, header=HEADER + ",pixel785")), "line 1 (header) has 786 columns, expected 785"),
+    "csv: not readable as CSV": Case(
+        csv_case(lambda t: csv_with(t, '"' + GOOD_ROW)), "bad.csv: not readable as CSV (Error tokenizing data."),
     "csv: wrong column count": Case(csv_case(lambda t: csv_with(t, GOOD_ROW + ",1")), "line 3 has 786 columns, expected 785"),
     "csv: short row": Case(csv_case(lambda t: csv_with(t, GOOD_ROW.rsplit(",", 1)[0])), "line 3 has 784 columns, expected 785"),
     "csv: blank line": Case(csv_case(lambda t: csv_with(t, "", GOOD_ROW)), "line 3 is blank"),
@@ -131,6 +141,10 @@ CASES = {
     "weights: init_from missing": Case(lambda t: [f"model.init_from={t / 'nope.pt'}", *SMALL], "nope.pt: file not found"),
     "data: torchvision files missing, download off": Case(
         lambda t: ["data.source=torchvision", f"data.root={t}", "data.download=false", *BATCH], "(data.download is false); put the IDX files"),
+    "data: IDX label beyond num_classes": Case(
+        lambda t: ["data.source=torchvision", f"data.root={_idx_files(t, top_label=10)}", "data.download=false",
+                   "data.train_size=null", "data.test_size=null", *BATCH, "epochs=1"],
+        "labels run up to 10, but model.num_classes is 10"),
     "data: train_size larger than the file": Case(
         csv_case(lambda t: t / "good.csv", "data.train_size=100"), "good.csv holds only 64 images"),
     "data: holdout not smaller than the file": Case(
@@ -154,10 +168,36 @@ CASES = {
     "resume: named checkpoint missing": Case(lambda t: [*SMALL, f"resume={t / 'nope.pt'}"], "nope.pt not found"),
     "resume: named file is not a checkpoint": Case(
         lambda t: [*SMALL, f"resume={_weights(t)}"], "not an fmdist checkpoint"),
+    "resume: checkpoint that does not fit the model": Case(
+        lambda t: [*SMALL, "resume=auto", "overwrite=false"],
+        "checkpoint does not fit this run's model or optimizer (Error(s) in loading state_dict for ResNet: size "
+        "mismatch for fc.weight", damage=lambda run: _shrink_the_head_of_every_checkpoint(run),
+        nproc=1),  # the earlier run's world size
+    "eval_only: results already there": Case(
+        lambda t: [*SMALL, "eval_only=true", "overwrite=false"], "already holds eval.json; set overwrite=true",
+        damage=lambda run: _text(run / "eval.json", "{}\n")),
     "resume: every checkpoint unreadable": Case(
         lambda t: [*SMALL, "resume=auto", "overwrite=false"], "best.pt unreadable); set overwrite=true",
         damage=garble_checkpoints),
 }  # fmt: skip
+
+
+def _shrink_the_head_of_every_checkpoint(run: Path) -> None:
+    for path in (run / "checkpoints").iterdir():
+        checkpoint = torch.load(path, weights_only=True)
+        checkpoint["model"]["fc.weight"] = checkpoint["model"]["fc.weight"][:5]
+        torch.save(checkpoint, path)
+
+
+def _idx_files(tmp: Path, top_label: int) -> Path:
+    raw = tmp / "idx" / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    labels = np.arange(80) % 10
+    labels[7] = top_label
+    for prefix, part in (("train", slice(0, 64)), ("t10k", slice(64, 80))):
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", np.zeros((80, 28, 28), np.uint8)[part])
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels[part])
+    return tmp / "idx"
 
 
 def _text(path: Path, text: str) -> Path:

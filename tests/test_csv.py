@@ -1,5 +1,7 @@
 """Kaggle-format CSV: the real sample loads; every defect is one line naming file, line and column."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -98,6 +100,56 @@ def test_missing_file(tmp_path):
 def test_first_bad_row_is_reported_when_there_are_several(tmp_path):
     path = write_rows(tmp_path / "f.csv", [row(), row(pixels=bad_pixel(9, 300)), row(label=12)])
     with pytest.raises(FmdistError, match="line 3, column 'pixel9'"):
+        read_kaggle_csv(path, num_classes=10)
+
+
+def short_row():
+    return row()[:-2]
+
+
+@pytest.mark.parametrize(
+    "rows, expected",
+    [
+        ([row(), row(pixels=bad_pixel(5, "abc"))] + [row()] * 5 + [short_row()], "line 3, column 'pixel5': 'abc'"),
+        ([row(), short_row()] + [row()] * 5 + [row(pixels=bad_pixel(5, "abc"))], "line 3 has 783 columns"),
+        ([row(), row(label=11)] + [row()] * 5 + [row() + ["1"]], "line 3, column 'label': label 11 is outside"),
+        ([row(), row() + ["1"]] + [row()] * 5 + [row(label=11)], "line 3 has 786 columns"),
+        ([row(pixels=bad_pixel(1, "")), row(), [""], row()], "line 2, column 'pixel1': empty or NaN cell"),
+        ([row(), [""], row(pixels=bad_pixel(1, ""))], "line 3 is blank"),
+    ],
+    ids=["cell-then-short-row", "short-row-then-cell", "label-then-long-row", "long-row-then-label",
+         "cell-then-blank-line", "blank-line-then-cell"],
+)  # fmt: skip
+def test_the_defect_nearest_the_top_is_reported_whether_a_bad_cell_or_a_malformed_row(tmp_path, rows, expected):
+    path = write_rows(tmp_path / "f.csv", rows)
+    with pytest.raises(FmdistError, match=re.escape(f"{path}: {expected}")):
+        read_kaggle_csv(path, num_classes=10)
+
+
+@pytest.mark.parametrize(
+    "ending",
+    ["\n\n", "\n\n\n\n", "\n\n\n", "\n   \t", "\n\n  ", "\r\n\r\n\r\n"],
+    ids=["one-blank-line", "three-blank-lines", "two-blank-lines-no-final-newline", "spaces-no-final-newline",
+         "blank-then-spaces-no-final-newline", "crlf-blank-lines"],
+)  # fmt: skip
+def test_blank_lines_at_the_end_of_the_file_are_ignored(tmp_path, ending):
+    rows = [",".join(row(label=i, pixels=[i * 20 + j % 5 for j in range(784)])) for i in range(3)]
+    newline = "\r\n" if ending.startswith("\r\n") else "\n"
+    clean = tmp_path / "clean.csv"
+    clean.write_bytes(newline.join([HEADER, *rows]).encode() + newline.encode())
+    trailing = tmp_path / "trailing.csv"
+    trailing.write_bytes(newline.join([HEADER, *rows]).encode() + ending.encode())
+    images, labels = read_kaggle_csv(trailing, num_classes=10)
+    expected_images, expected_labels = read_kaggle_csv(clean, num_classes=10)
+    assert labels.tolist() == [0, 1, 2]
+    assert torch.equal(images, expected_images) and torch.equal(labels, expected_labels)
+
+
+@pytest.mark.parametrize("blank", ["", "   "], ids=["empty", "spaces"])
+def test_a_blank_line_inside_the_file_is_a_defect_even_when_the_file_also_ends_with_blank_lines(tmp_path, blank):
+    path = tmp_path / "f.csv"
+    path.write_text("\n".join([HEADER, ",".join(row()), ",".join(row()), blank, ",".join(row())]) + "\n\n\n")
+    with pytest.raises(FmdistError, match=re.escape(f"{path}: line 4 is blank; expected 785 comma-separated values")):
         read_kaggle_csv(path, num_classes=10)
 
 

@@ -4,10 +4,12 @@ import numpy as np
 import pytest
 import torch
 
+import fmdist.train
 from fmdist.config import load_config
 from fmdist.data import (
     FASHION_MNIST_CLASSES,
     DeviceBatches,
+    ResumableDistributedSampler,
     ShardSampler,
     eval_loader,
     load_splits,
@@ -17,7 +19,7 @@ from fmdist.data import (
 from fmdist.errors import FmdistError
 from fmdist.transforms import BatchTransform
 
-from helpers import write_idx, write_kaggle_csv
+from helpers import CONFIGS, write_idx, write_kaggle_csv
 
 CPU = torch.device("cpu")
 
@@ -102,6 +104,35 @@ def test_training_order_is_deterministic_given_seed_and_epoch(monkeypatch):
     assert not torch.equal(epoch_labels(0, 1), epoch_labels(1, 1))
     halves = [epoch_labels(0, 1, rank, 2) for rank in range(2)]
     assert len(halves[0]) == len(halves[1]) == 150
+
+
+def test_the_trainer_draws_a_new_training_order_each_epoch_and_the_same_orders_on_a_rerun(
+    tmp_path, monkeypatch, fresh_accelerate
+):
+    """The order of an epoch comes from the sampler's epoch, which only the trainer's loop sets."""
+    orders = []
+    unrecorded_iter = ResumableDistributedSampler.__iter__
+
+    def recording_iter(self):
+        order = list(unrecorded_iter(self))
+        orders.append(order)
+        return iter(order)
+
+    monkeypatch.setattr(ResumableDistributedSampler, "__iter__", recording_iter)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+
+    def epoch_orders(run_name):
+        orders.clear()
+        overrides = ["epochs=3", "data.train_size=64", "data.test_size=16", "batch_size=32", "wandb.mode=disabled"]
+        args = ["--config", str(CONFIGS / "smoke.yaml"), *overrides, f"output_dir={tmp_path / run_name}"]
+        assert fmdist.train.main(args) == 0
+        return list(orders)
+
+    first = epoch_orders("first")
+    assert len(first) == 3  # one order per epoch
+    assert all(sorted(order) == list(range(64)) for order in first)
+    assert len({tuple(order) for order in first}) == 3, "two epochs trained in the same order"
+    assert epoch_orders("again") == first
 
 
 def test_batches_larger_than_a_shard_and_more_processes_than_images_are_refused(monkeypatch):

@@ -76,8 +76,8 @@ def test_single_process_defaults(monkeypatch):
 
 
 def test_precision_fallbacks():
-    assert distributed.resolve_mixed_precision("fp16", "cpu") == "bf16"
-    assert distributed.resolve_mixed_precision("bf16", "cpu") == "bf16"
-    assert distributed.resolve_mixed_precision("no", "cpu") == "no"
     native = distributed.cpu_has_bf16_units()
     assert distributed.resolve_mixed_precision("auto", "cpu") == ("bf16" if native else "no")
+    assert distributed.resolve_mixed_precision("fp16", "cpu") == ("bf16" if native else "no"), "as auto"
+    assert distributed.resolve_mixed_precision("bf16", "cpu") == "bf16"
+    assert distributed.resolve_mixed_precision("no", "cpu") == "no"

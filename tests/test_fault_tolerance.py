@@ -10,14 +10,16 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from fmdist.checkpoints import CheckpointStore, Position, load_checkpoint
 from fmdist.config import load_config
+from fmdist.errors import FmdistError
 from fmdist.outputs import RunFolder
 from fmdist.preemption import EXIT_CHECKPOINTED
-from fmdist.resume import plan_start
+from fmdist.resume import check_same_run, fingerprint, plan_start
 
 from helpers import (
     CONFIGS,
@@ -97,16 +99,32 @@ def test_sigterm_to_torchrun_checkpoints_mid_epoch_and_the_rerun_finishes_the_sa
     assert_same_weights(out / "model.pt", tmp_path / "whole" / "model.pt")
 
 
-def test_sigusr1_to_a_single_process_exits_75_with_a_checkpoint_and_resumes(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM], ids=lambda s: s.name)
+def test_a_stop_signal_to_a_single_process_exits_75_with_a_checkpoint_and_resumes(tmp_path, signum):
     out = tmp_path / "run"
     process = start(train_command(*SMOKE, "epochs=5", f"output_dir={out}"), cwd=tmp_path)
     wait_for(out / "history.json", process)
-    process.send_signal(signal.SIGUSR1)
+    process.send_signal(signum)
     returncode, stdout, _ = finish(process)
     assert returncode == EXIT_CHECKPOINTED
-    assert "stopped by SIGUSR1" in stdout
+    assert f"stopped by {signum.name}" in stdout
     train(tmp_path, *SMOKE, "epochs=5", f"output_dir={out}")
     assert [r["epoch"] for r in read_history(out)] == [1, 2, 3, 4, 5]
+
+
+def test_a_stop_signal_during_start_up_stops_at_the_first_step_with_a_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    # a large synthetic set: its generation keeps the process in start-up for a while
+    process = start(train_command(*SMOKE, "epochs=2", "data.train_size=30000", f"output_dir={out}"), cwd=tmp_path)
+    first_line = process.stdout.readline()  # printed before the data and the model are built
+    assert first_line.startswith("fmdist: scratch"), first_line
+    process.send_signal(signal.SIGTERM)
+    returncode, stdout, stderr = finish(process)
+    assert returncode == EXIT_CHECKPOINTED, stderr[-3000:]
+    assert "stopped by SIGTERM at epoch 1, step 1;" in stdout
+    assert "Epoch: 1" not in stdout and (out / "checkpoints" / "epoch-0001-step-000001.pt").exists()
+    train(tmp_path, *SMOKE, "epochs=2", "data.train_size=30000", f"output_dir={out}")
+    assert [r["epoch"] for r in read_history(out)] == [1, 2]
 
 
 def worker_of_rank(launcher_pid: int, rank: int) -> int:
@@ -129,6 +147,28 @@ def test_sigusr1_to_one_worker_of_two_stops_both_with_a_checkpoint_and_the_rerun
     assert not error_lines(stderr) and not (out / "model.pt").exists()
 
     train(tmp_path, *SMALL, "epochs=5", f"output_dir={out}", nproc=2)
+    assert [r["epoch"] for r in read_history(out)] == [1, 2, 3, 4, 5]
+
+
+def test_under_max_restarts_the_restarted_workers_honour_a_stop_signal_to_one_worker(tmp_path):
+    """Workers stopped by a signal exit 75, which torchrun counts as a failure and restarts: the
+    restarted attempt must stop too instead of training on."""
+    out = tmp_path / "run"
+    command = train_command(*SMALL, "epochs=5", f"output_dir={out}", nproc=2)
+    command.insert(command.index("-m", 3), "--max-restarts=1")
+    launcher = start(command, cwd=tmp_path)
+    wait_for(out / "checkpoints" / "epoch-0001.pt", launcher)
+    os.kill(worker_of_rank(launcher.pid, 1), signal.SIGUSR1)
+    returncode, stdout, stderr = finish(launcher)
+    assert returncode != 0 and re.search(rf"exitcode\s*:\s*{EXIT_CHECKPOINTED}\b", stderr), stderr[-3000:]
+    assert len([line for line in stdout.splitlines() if "stopped by" in line]) == 1, stdout
+    assert "torchrun restarted the workers after a stop signal ended attempt 0; not training on" in stdout
+    assert "fmdist: resuming from" not in stdout and not (out / "model.pt").exists()
+    stopped_after = len(read_history(out))
+    assert stopped_after < 5
+
+    rerun = train(tmp_path, *SMALL, "epochs=5", f"output_dir={out}", nproc=2)
+    assert "not training on" not in rerun.stdout
     assert [r["epoch"] for r in read_history(out)] == [1, 2, 3, 4, 5]
 
 
@@ -267,8 +307,9 @@ def test_a_run_whose_newest_checkpoint_is_best_pt_resumes_from_it(tmp_path):
     assert [r["epoch"] for r in read_history(out)] == [1, 2, 3, 4]
 
 
-def test_resuming_with_another_world_size_or_edited_data_is_refused_naming_it(tmp_path, real_sample):
-    images, labels = real_sample
+def test_resuming_with_another_world_size_or_edited_data_is_refused_naming_it(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (320, 28, 28), dtype=np.uint8)
+    labels = np.arange(320) % 10
     train_csv = write_kaggle_csv(tmp_path / "train.csv", images[:256], labels[:256])
     test_csv = write_kaggle_csv(tmp_path / "test.csv", images[256:320], labels[256:320])
     out = tmp_path / "run"
@@ -362,6 +403,21 @@ def test_plan_start_on_an_empty_folder_and_on_an_interrupted_run_without_checkpo
     started = plan(tmp_path)
     assert started.resume_from is None and started.replaces_earlier_run
     assert "interrupted run without checkpoints" in started.notes[0]
+
+
+def test_under_a_decaying_schedule_epochs_belongs_to_the_run_and_under_a_constant_rate_it_does_not():
+    def run_fingerprint(*overrides):
+        return fingerprint(load_config(CONFIGS / "smoke.yaml", list(overrides)), 1, "no", "digest")
+
+    check_same_run(run_fingerprint("epochs=3"), run_fingerprint("epochs=5"), Path("c.pt"))  # extending: fine
+    cosine = ("optimizer.schedule=cosine",)
+    with pytest.raises(FmdistError, match=r"c\.pt belongs to a different run: epochs \(3 -> 5\)"):
+        check_same_run(run_fingerprint(*cosine, "epochs=3"), run_fingerprint(*cosine, "epochs=5"), Path("c.pt"))
+
+
+def test_plan_start_on_a_new_folder_with_resume_never_starts_fresh(tmp_path):
+    fresh = plan(tmp_path / "new", "resume=never")
+    assert (fresh.resume_from, fresh.replaces_earlier_run, fresh.notes) == (None, False, [])
 
 
 def test_plan_start_after_an_elastic_restart_resumes_even_with_resume_never(tmp_path):

@@ -1,5 +1,6 @@
 import copy
 import itertools
+import json
 
 import pytest
 import torch
@@ -7,14 +8,18 @@ import torchvision
 from torch import nn
 
 from fmdist import models
+from fmdist.config import load_config
 from fmdist.regimes import (
     FASHION_MNIST_MEAN,
     FASHION_MNIST_STD,
     IMAGENET_MEAN,
     IMAGENET_STD,
     adapt_stem_and_head,
+    build_model,
     grey_stem_filters,
 )
+
+from helpers import CONFIGS, TINY_SYNTHETIC_RUN, train
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"])
@@ -120,6 +125,19 @@ def test_forward_gflops_counts_resnet18_at_224_as_published_and_grows_with_the_i
     costs = [models.forward_gflops(grey, 1, size) for size in (28, 56, 112, 224)]
     assert all(b / a == pytest.approx(4, rel=0.25) for a, b in itertools.pairwise(costs))
     assert all(p.device.type == "cpu" for p in grey.parameters())  # counted on a shape-only copy
+
+
+def test_a_run_states_its_forward_cost_at_its_image_size_in_its_log_and_summary(tmp_path):
+    out = tmp_path / "run56"
+    overrides = [*TINY_SYNTHETIC_RUN, "data.image_size=56"]
+    printed = train(tmp_path, "--config", str(CONFIGS / "smoke.yaml"), *overrides, f"output_dir={out}").stdout
+    model, _ = build_model(load_config(CONFIGS / "smoke.yaml", overrides))
+    gflops = models.forward_gflops(model, 1, 56)
+    assert f"fmdist: imagenet stem, 56x56 input: {gflops:.3f} GFLOPs per image forward" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["forward_gflops_per_image"] == pytest.approx(gflops)
+    at_28 = models.forward_gflops(model, 1, 28)
+    assert summary["forward_gflops_per_image"] == pytest.approx(4 * at_28, rel=0.1)  # 4x the pixels, ~4x the work
 
 
 def test_cifar_stem_from_pretrained_filters_keeps_each_filter_sum():

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from fmdist import distributed
-from fmdist.config import load_config
+from fmdist.config import TrainConfig, load_config
 from fmdist.data import load_splits
 from fmdist.engine import EpochProgress, evaluate, train_one_epoch
 from fmdist.models import resnet18
@@ -175,6 +175,27 @@ def test_label_smoothing_is_in_the_training_loss_and_never_in_the_validation_los
     assert validated.loss == pytest.approx(F.cross_entropy(test_logits, test_split.labels).item(), rel=1e-5)
 
 
+def test_evaluation_runs_in_inference_mode_with_larger_batches_and_training_does_not(fresh_accelerate):
+    """Inference mode lets evaluation skip autograd's bookkeeping, which leaves room for larger batches."""
+    cfg = load_config(CONFIGS / "smoke.yaml", ["data.train_size=64", "data.test_size=37", "model.width=8"])
+    runtime = distributed.setup(cfg)
+    model = resnet18(in_channels=1, num_classes=10, width=8)
+    modes = []
+    model.register_forward_hook(lambda _module, _inputs, _output: modes.append(torch.is_inference_mode_enabled()))
+    train_split, test_split = load_splits(cfg.data, 10)
+    transform = BatchTransform.from_config(cfg, 0, CPU)
+    optimizer = build_optimizer(cfg.optimizer, model)
+    train_one_epoch(model, [(train_split.images, train_split.labels)], optimizer, transform, runtime.accelerator, 1,
+                    EpochProgress(), lambda: False)  # fmt: skip
+    assert modes == [False]
+    test_batches = list(zip(test_split.images.split(20), test_split.labels.split(20), strict=True))
+    evaluate(model, test_batches, transform, runtime.accelerator, 10, flip=True)
+    assert modes == [False] + [True] * 4  # two batches, each seen plain and mirrored
+    assert not torch.is_inference_mode_enabled()  # and it ends with evaluate
+    defaults = TrainConfig()
+    assert defaults.eval_batch_size > defaults.batch_size
+
+
 def test_ema_is_evaluated_beside_the_raw_model_and_checkpointed(tmp_path):
     out = tmp_path / "ema"
     train(tmp_path, "--config", str(CONFIGS / "smoke.yaml"), "epochs=2", "ema_decay=0.9", "data.train_size=256",
@@ -215,21 +236,26 @@ def test_the_recipe_config_trains_with_its_schedule_and_smoothing(tmp_path):
 
 def test_seeds_command_trains_every_config_and_seed_and_reports_mean_and_std(tmp_path):
     out = tmp_path / "seeds"
+    # Every run shares one process: the second config's precision must not meet the first one's.
+    (tmp_path / "bf16.yaml").write_text(f"extends: {CONFIGS / 'recipe.yaml'}\nmixed_precision: bf16\n")
     result = run_command(
-        [sys.executable, "-m", "fmdist.seeds", "--config", str(CONFIGS / "smoke.yaml"), "--config",
-         str(CONFIGS / "recipe.yaml"), "--seeds", "0", "1", "--output-dir", str(out), "data.source=synthetic",
+        [sys.executable, "-m", "fmdist.seeds", "--config", str(CONFIGS / "tutorial.yaml"), "--config",
+         str(tmp_path / "bf16.yaml"), "--seeds", "0", "1", "--output-dir", str(out), "data.source=synthetic",
          "data.train_size=128", "data.test_size=50", "epochs=1", "batch_size=32", "model.width=8"],
         cwd=tmp_path,
     )  # fmt: skip
+    in_effect = [line.split(": ", 2)[2].split()[0] for line in result.stdout.splitlines()
+                 if line.startswith("fmdist: mixed precision in effect")]  # fmt: skip
+    assert in_effect == ["no", "no", "bf16", "bf16"]
     summary = json.loads((out / "seeds.json").read_text())
-    assert list(summary) == ["smoke", "recipe"]
+    assert list(summary) == ["tutorial", "bf16"]
     for name, numbers in summary.items():
         finals = [read_history(out / name / f"seed-{seed}")[-1]["val_acc"] for seed in (0, 1)]
         assert numbers["final"] == finals and numbers["runs"] == 2
         assert numbers["final_mean"] == pytest.approx(sum(finals) / 2)
         assert numbers["final_std"] == pytest.approx(abs(finals[0] - finals[1]) / math.sqrt(2))
-    smoke = summary["smoke"]
-    row = f"| smoke | 2 | 1 | {100 * smoke['best_mean']:.1f}% ± {100 * smoke['best_std']:.1f} |"
+    tutorial = summary["tutorial"]
+    row = f"| tutorial | 2 | 1 | {100 * tutorial['best_mean']:.1f}% ± {100 * tutorial['best_std']:.1f} |"
     assert row in (out / "seeds.md").read_text() and row in result.stdout
 
 

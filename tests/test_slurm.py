@@ -41,14 +41,19 @@ def finished(cluster: LocalSlurmCluster, job_id: str, timeout: float = JOB_TIMEO
     return cluster.job(job_id)
 
 
-def wait_for_first_checkpoint(cluster: LocalSlurmCluster, job: str, out: Path, log: Path) -> None:
-    """Until the job's run has saved epoch 1; fails if the job ends first or the time runs out."""
+def wait_while_running(cluster: LocalSlurmCluster, job: str, log: Path, done) -> None:
+    """Until done() holds; fails if the job ends first or the time runs out."""
     deadline = time.monotonic() + JOB_TIMEOUT
-    while not (out / "checkpoints" / "epoch-0001.pt").exists():
+    while not done():
         assert time.monotonic() < deadline and cluster.job(job)["JobState"] in ("PENDING", "RUNNING"), (
             log.read_text() if log.exists() else f"no log at {log}"
         )
         time.sleep(0.1)
+
+
+def wait_for_first_checkpoint(cluster: LocalSlurmCluster, job: str, out: Path, log: Path) -> None:
+    """Until the job's run has saved epoch 1."""
+    wait_while_running(cluster, job, log, lambda: (out / "checkpoints" / "epoch-0001.pt").exists())
 
 
 def test_sbatch_compare_runs_the_three_regimes_and_the_report_job_writes_one_report(cluster, tmp_path):
@@ -88,13 +93,17 @@ def test_a_requeued_job_resumes_from_its_checkpoint_with_every_epoch_once(cluste
     log = tmp_path / "train.out"
     job = submit(cluster, f"--output={log}", str(REPO / "slurm" / "train.sbatch"), *SMOKE, "epochs=8",
                  f"output_dir={out}")  # fmt: skip
+    # Waits for the job as compare.sh's report job waits for the regimes; released at the requeue,
+    # it would find no model.pt (the run is not finished then) and fail.
+    after = submit(cluster, f"--dependency=afterany:{job}", f"--output={tmp_path / 'after.out'}",
+                   "--wrap", f"test -f {out / 'model.pt'}")  # fmt: skip
     wait_for_first_checkpoint(cluster, job, out, log)
     # What --signal=B:USR1@300 delivers five minutes before the time limit.
     cluster.client("scancel", "--signal=USR1", "--batch", job)
 
     state = finished(cluster, job)
     text = log.read_text()
-    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", text
+    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1" and state["ExitCode"] == "0:0", text
     assert "received SIGUSR1" in text and f"job {job} requeued" in text
     assert re.search(rf"after checkpoint {out}/checkpoints/epoch-\d+-step-\d+\.pt; job {job} requeued", text), text
     assert not list(REPO.glob(".fmdist-stop-*"))  # the marker the trainer wrote for the script is gone
@@ -103,13 +112,40 @@ def test_a_requeued_job_resumes_from_its_checkpoint_with_every_epoch_once(cluste
     assert f"job {job} restart 1:" in text and "fmdist: resuming from" in text
     assert [r["epoch"] for r in read_history(out)] == list(range(1, 9))
     assert (out / "model.pt").is_file()
+    assert finished(cluster, after)["JobState"] == "COMPLETED"
+
+
+def test_a_stop_before_the_trainer_can_take_it_is_kept_and_the_job_requeues_with_every_epoch_once(cluster, tmp_path):
+    """USR1 as soon as the batch script has started, before srun, torchrun and the workers have: the
+    script survives it, and the trainer is asked once it handles SIGTERM, so it stops in its first
+    epoch with a checkpoint, and the job is requeued and resumes from there."""
+    out = tmp_path / "run"
+    log = tmp_path / "train.out"
+    job = submit(cluster, f"--output={log}", str(REPO / "slurm" / "train.sbatch"), *SMOKE, "epochs=2",
+                 f"output_dir={out}")  # fmt: skip
+    # The script's first line comes just before it starts srun.
+    wait_while_running(cluster, job, log, lambda: log.exists() and f"job {job} restart 0:" in log.read_text())
+    assert not (out / "checkpoints").exists()
+    cluster.client("scancel", "--signal=USR1", "--batch", job)
+
+    state = finished(cluster, job)
+    text = log.read_text()
+    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1" and state["ExitCode"] == "0:0", text
+    assert re.search(rf"after checkpoint {out}/checkpoints/epoch-\d+-step-\d+\.pt; job {job} requeued", text), text
+    assert len(re.findall(r"fmdist: stopped by SIGTERM at epoch 1, step \d+; checkpoint", text)) == 1, text
+    assert f"job {job} restart 1:" in text and "fmdist: resuming from" in text
+    assert not list(REPO.glob(".fmdist-stop-*"))
+    assert [r["epoch"] for r in read_history(out)] == [1, 2]
+    assert (out / "model.pt").is_file()
 
 
 def test_without_requeue_a_stopped_job_ends_checkpointed_and_a_resubmission_resumes(cluster, tmp_path):
-    """FMDIST_REQUEUE=0 after USR1 (and any SIGTERM): exit 75, no requeue; also a chosen rendezvous host and port."""
+    """FMDIST_REQUEUE=0 after USR1 (and any SIGTERM): exit 75, no requeue; also a chosen rendezvous host and
+    port, and processes per node."""
     out = tmp_path / "run"
     port = str(free_port())
-    env = {"FMDIST_REQUEUE": "0", "FMDIST_RDZV_HOST": "localhost", "FMDIST_RDZV_PORT": port}
+    env = {"FMDIST_REQUEUE": "0", "FMDIST_RDZV_HOST": "localhost", "FMDIST_RDZV_PORT": port,
+           "FMDIST_NPROC_PER_NODE": "2"}  # fmt: skip
     args = (str(REPO / "slurm" / "train.sbatch"), *SMOKE, "epochs=6", f"output_dir={out}")
     job = submit(cluster, f"--output={tmp_path / 'first.out'}", *args, env=env)
     wait_for_first_checkpoint(cluster, job, out, tmp_path / "first.out")
@@ -119,6 +155,7 @@ def test_without_requeue_a_stopped_job_ends_checkpointed_and_a_resubmission_resu
     text = (tmp_path / "first.out").read_text()
     assert state["JobState"] == "FAILED" and state["ExitCode"] == "75:0" and state["Restarts"] == "0", text
     assert f"rendezvous localhost:{port}" in text
+    assert "1 node(s) x 2 process(es)" in text and "2 process(es) on cpu" in text  # not the one --ntasks asks for
     assert re.search(r"stopped by SIGUSR1 after checkpoint .*\.pt; submit the job again to resume", text), text
     assert not (out / "model.pt").exists()
 
@@ -153,11 +190,13 @@ def test_one_node_and_two_nodes_with_the_same_global_batch_train_the_same_run(cl
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
 
 
-def test_gpus_set_the_processes_per_node_and_an_uneven_layout_is_refused(cluster, tmp_path):
+def test_gpus_set_the_processes_per_node_and_an_uneven_layout_or_a_bad_process_count_is_refused(cluster, tmp_path):
     gpu_job = submit(cluster, "--gres=gpu:2", f"--output={tmp_path / 'gpu.out'}", str(REPO / "slurm" / "train.sbatch"),
                      *SMOKE, "epochs=1", f"output_dir={tmp_path / 'gpu'}")  # fmt: skip
     uneven = submit(cluster, "--nodes=2", "--ntasks=3", f"--output={tmp_path / 'uneven.out'}",
                     str(REPO / "slurm" / "train.sbatch"), *SMOKE, f"output_dir={tmp_path / 'uneven'}")  # fmt: skip
+    bad_count = submit(cluster, f"--output={tmp_path / 'bad-count.out'}", str(REPO / "slurm" / "train.sbatch"), *SMOKE,
+                       f"output_dir={tmp_path / 'bad-count'}", env={"FMDIST_NPROC_PER_NODE": "two"})  # fmt: skip
 
     state = finished(cluster, gpu_job)
     text = (tmp_path / "gpu.out").read_text()
@@ -172,6 +211,13 @@ def test_gpus_set_the_processes_per_node_and_an_uneven_layout_is_refused(cluster
                       "number of CPU processes"]  # fmt: skip
     assert not Path(tmp_path / "uneven").exists()
 
+    state = finished(cluster, bad_count)
+    text = (tmp_path / "bad-count.out").read_text()
+    assert state["JobState"] == "FAILED" and state["ExitCode"] == "2:0"
+    errors = [line for line in text.splitlines() if "error" in line]
+    assert errors == ["fmdist-slurm: error: processes per node: expected a positive integer, got 'two'"]
+    assert not Path(tmp_path / "bad-count").exists()
+
 
 def test_the_report_job_reports_what_finished_when_a_regime_fails(cluster, tmp_path):
     out = tmp_path / "comparison"
@@ -179,16 +225,23 @@ def test_the_report_job_reports_what_finished_when_a_regime_fails(cluster, tmp_p
     missing = tmp_path / "no-such-weights.pth"  # pretrained and frozen fail on it; scratch does not need it
     submitter = submit(cluster, "--partition=second", f"--output={log}", str(REPO / "slurm" / "compare.sh"), *SMOKE,
                        "--output-dir", str(out), "epochs=1", "compare.stand_in_weights=false",
-                       f"model.weights={missing}")  # fmt: skip
+                       f"model.weights={missing}",
+                       env={"FMDIST_TRAIN_SBATCH_ARGS": "--partition=debug --time=30"})  # fmt: skip
     assert finished(cluster, submitter)["JobState"] == "COMPLETED", log.read_text()
     array, report = re.findall(r"job (?:array )?(\d+)", log.read_text())
     assert "stand-in" not in log.read_text()
 
     cluster.wait_until_gone([array, report], JOB_TIMEOUT)
-    states = [cluster.job(f"{array}_{element}")["JobState"] for element in range(3)]
-    assert states == ["FAILED", "COMPLETED", "FAILED"]
-    # the jobs the submitter submitted went to its partition, not the default one
-    assert {cluster.job(job)["Partition"] for job in (f"{array}_0", f"{array}_1", report)} == {"second"}
+    elements = [cluster.job(f"{array}_{element}") for element in range(3)]
+    assert [element["JobState"] for element in elements] == ["FAILED", "COMPLETED", "FAILED"]
+    # torchrun's 1 for a failed worker, passed on by train.sbatch
+    assert [element["ExitCode"] for element in elements] == ["1:0", "0:0", "1:0"]
+    element_log = (out / f"slurm-fmdist-regime-{array}_0.out").read_text()
+    assert "trainer exited with code 1" in element_log, element_log
+    # the training jobs took FMDIST_TRAIN_SBATCH_ARGS; the report job went to the submitter's partition,
+    # not the default one
+    assert {(element["Partition"], element["TimeLimit"]) for element in elements} == {("debug", "00:30:00")}
+    assert cluster.job(report)["Partition"] == "second"
     assert cluster.job(report)["JobState"] == "COMPLETED", (out / f"slurm-fmdist-report-{report}.out").read_text()
     text = (out / "report.md").read_text()
     rows = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ") and "%" in line]

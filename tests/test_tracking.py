@@ -41,7 +41,7 @@ def no_credentials(tmp_path, monkeypatch):
 def test_two_process_run_makes_exactly_one_offline_wandb_run_matching_history(tmp_path, no_credentials):
     out = tmp_path / "run"
     overrides = ["epochs=3", f"output_dir={out}", "wandb.project=fmdist-ci", "wandb.entity=ci-team",
-                 "wandb.group=nightly", "wandb.tags=smoke,ci"]  # fmt: skip
+                 "wandb.group=nightly", "wandb.tags=smoke,ci", "wandb.name=nightly-scratch"]  # fmt: skip
     result = train(tmp_path, *SMALL, *overrides, nproc=2, env=no_credentials)
     offline_lines = [line for line in result.stdout.splitlines() if "W&B logging offline" in line]
     assert len(offline_lines) == 1 and "no W&B credentials found" in offline_lines[0]
@@ -52,7 +52,8 @@ def test_two_process_run_makes_exactly_one_offline_wandb_run_matching_history(tm
 
     run = logged["run"]
     assert (run.project, run.entity, run.run_group) == ("fmdist-ci", "ci-team", "nightly")
-    assert run.job_type == "scratch" and run.display_name == "run"  # the name defaults to the folder's
+    # (without wandb.name the run is named after its folder: see the comparison's W&B test)
+    assert run.job_type == "scratch" and run.display_name == "nightly-scratch"
     assert list(run.tags) == ["smoke", "ci"]
     resolved = load_config(SMALL[1], [*SMALL[2:], *overrides])
     logged_config = {key: value for key, value in logged["config"].items() if key != "_wandb"}
@@ -86,6 +87,22 @@ def test_two_process_run_makes_exactly_one_offline_wandb_run_matching_history(tm
     assert rest.keys() == history[-1].keys()
     for key, value in rest.items():
         assert math.isclose(value, history[-1][key], rel_tol=1e-12), key
+
+
+def test_a_finished_run_extended_by_a_second_launch_continues_the_same_wandb_run(tmp_path, no_credentials):
+    out = tmp_path / "run"
+    train(tmp_path, *SMALL, "epochs=1", f"output_dir={out}", env=no_credentials)
+    run_id = (out / "wandb-run-id").read_text().strip()
+    result = train(tmp_path, *SMALL, "epochs=2", f"output_dir={out}", env=no_credentials)  # constant LR: extendable
+    assert "fmdist: resuming from" in result.stdout
+    assert (out / "wandb-run-id").read_text().strip() == run_id
+    # Offline, each launch writes its own folder under the same run id; `wandb sync` joins them into one run.
+    launches = sorted((out / "wandb").glob("offline-run-*"))
+    assert [folder.name.rsplit("-", 1)[1] for folder in launches] == [run_id, run_id]
+    logged = [read_wandb_run(next(folder.glob("run-*.wandb"))) for folder in launches]
+    assert [record["run"].run_id for record in logged] == [run_id, run_id]
+    assert [row["epoch"] for record in logged for row in record["history"]] == [1, 2]
+    assert [row["epoch"] for row in read_history(out)] == [1, 2]
 
 
 def test_disabled_wandb_writes_nothing(tmp_path, no_credentials):
@@ -166,11 +183,19 @@ def test_progress_in_a_pipe_is_periodic_lines_with_rate_and_eta_from_rank_zero_o
     assert "\r" not in result.stdout and "it/s" not in result.stderr
 
 
-def test_progress_in_a_terminal_is_a_tqdm_bar(tmp_path):
+def test_progress_lines_further_apart_than_an_epoch_are_one_line_at_each_epoch_s_end(tmp_path):
+    result = train(tmp_path, *SMALL, "epochs=2", "progress_every=3600", f"output_dir={tmp_path / 'run'}")
+    lines = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
+    assert [line.split(" loss ")[0] for line in lines] == ["epoch 1/2 step 8/8 (100%)", "epoch 2/2 step 8/8 (100%)"]
+    assert " ETA epoch 0:00 run " in lines[0]
+    assert lines[1].endswith(" ETA epoch 0:00 run 0:00"), "nothing left at the run's last step"
+
+
+def test_progress_in_a_terminal_is_a_tqdm_bar_per_epoch(tmp_path):
     controller, terminal = pty.openpty()
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # a terminal has a size
     process = subprocess.Popen(
-        train_command(*SMALL, "epochs=1", f"output_dir={tmp_path / 'run'}"), cwd=tmp_path, env=launch_env(),
+        train_command(*SMALL, "epochs=2", f"output_dir={tmp_path / 'run'}"), cwd=tmp_path, env=launch_env(),
         stdin=terminal, stdout=terminal, stderr=terminal, close_fds=True,
     )  # fmt: skip
     os.close(terminal)
@@ -185,8 +210,12 @@ def test_progress_in_a_terminal_is_a_tqdm_bar(tmp_path):
         output += chunk
     assert process.wait(timeout=300) == 0
     text = output.decode(errors="replace")
-    assert "epoch 1/1: 100%|" in text and "8/8 [" in text and "images_per_s=" in text
-    assert re.search(r"loss=\d+\.\d{4}", text)
+    # A bar redraws itself with \r; what stays on screen is the last drawing before each newline.
+    shown = [line.rstrip("\r").split("\r")[-1] for line in text.split("\n")]
+    bars = [line for line in shown if re.match(r"epoch \d+/\d+: ", line)]
+    assert [bar.split(":")[0] for bar in bars] == ["epoch 1/2", "epoch 2/2"], "one bar per epoch, each left on screen"
+    for bar in bars:
+        assert "100%|" in bar and "8/8 [" in bar and "images_per_s=" in bar and re.search(r"loss=\d+\.\d{4}", bar)
     assert "ETA epoch" not in text
 
 
