@@ -55,14 +55,19 @@ def run_summary(cfg, world_size: int, counts, history: list[dict], confusion, cl
         "min_val_loss": lowest["val_loss"],
         "min_val_loss_epoch": lowest["epoch"],
         "overfitting_gap": last["val_loss"] - lowest["val_loss"],
-        # From the start of the run to the end of its last epoch; older histories only timed the epochs.
-        "wall_seconds": last.get("wall_seconds", sum(r["epoch_seconds"] for r in history)),
+        "wall_seconds": history_wall_seconds(history),
         "train_images_per_sec": sum(r["train_images_per_sec"] for r in history) / len(history),
         **ema_summary(history),
         "classes": list(classes),
         "confusion": confusion,
         "per_class_accuracy": per_class,
     }
+
+
+def history_wall_seconds(history: list[dict]) -> float:
+    """From the start of the run to the end of its last epoch (histories written before wall_seconds
+    existed timed only their epochs: their sum)."""
+    return history[-1].get("wall_seconds", sum(record["epoch_seconds"] for record in history))
 
 
 def ema_summary(history: list[dict]) -> dict:

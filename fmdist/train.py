@@ -49,7 +49,7 @@ from fmdist.preemption import (
 )
 from fmdist.progress import make_progress
 from fmdist.regimes import build_model
-from fmdist.report import TRACKED_SUMMARY_KEYS, run_summary
+from fmdist.report import TRACKED_SUMMARY_KEYS, history_wall_seconds, run_summary
 from fmdist.resume import check_same_run, data_digest, fingerprint, plan_start
 from fmdist.tracking import Tracker
 from fmdist.transforms import BatchTransform
@@ -222,7 +222,7 @@ def _train(cfg, runtime, folder: RunFolder, train_split, test_split, test_batche
         start = Position(checkpoint["epoch"], checkpoint["step"])
         if start.step:
             partial = EpochProgress(step=start.step, **(checkpoint["partial"] if main_process else {}))
-        earlier_seconds = history_wall_seconds(history) + partial.seconds
+        earlier_seconds = (history_wall_seconds(history) if history else 0.0) + partial.seconds
         log(f"fmdist: resuming from {plan.resume_from} ({start.describe()})")
         checkpoint = None  # the optimizer and model hold their own copies now
 
@@ -335,13 +335,6 @@ def load_model_and_optimizer(checkpoint: dict, model, optimizer, path) -> None:
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
         reason = " ".join(str(e).split())
         raise FmdistError(f"{path}: checkpoint does not fit this run's model or optimizer ({reason[:300]})") from None
-
-
-def history_wall_seconds(history: list[dict]) -> float:
-    """The wall time a history's epochs took (older histories lack wall_seconds: their epochs' sum)."""
-    if not history:
-        return 0.0
-    return history[-1].get("wall_seconds", sum(record["epoch_seconds"] for record in history))
 
 
 def _write_final_outputs(cfg, runtime, folder: RunFolder, bare_model, history, final, counts, classes, tracker):
