@@ -189,12 +189,21 @@ def test_worker_killed_mid_epoch_is_restarted_by_torchrun_and_every_epoch_appear
     assert history[-1]["val_acc"] >= 0.95
 
 
-def test_non_finite_training_loss_stops_with_epoch_and_step_and_keeps_the_checkpoints(tmp_path):
+def nan_weight(model: dict) -> None:
+    model["fc.weight"][3, 7] = float("nan")
+
+
+def minus_infinite_biases(model: dict) -> None:
+    model["fc.bias"][1:] = float("-inf")  # every image not of class 0 costs an infinite loss
+
+
+@pytest.mark.parametrize("damage, loss", [(nan_weight, "nan"), (minus_infinite_biases, "inf")], ids=["nan", "inf"])
+def test_non_finite_training_loss_stops_with_epoch_and_step_and_keeps_the_checkpoints(tmp_path, damage, loss):
     out = tmp_path / "diverged"
     train(tmp_path, *SMALL, "epochs=2", f"output_dir={out}", nproc=2)
     latest = out / "checkpoints" / "epoch-0002.pt"
     checkpoint = torch.load(latest, weights_only=True)
-    checkpoint["model"]["fc.weight"][3, 7] = float("nan")  # weights a bad step would have left
+    damage(checkpoint["model"])  # weights a bad step would have left
     torch.save(checkpoint, latest)
     results = [out / "history.json", out / "model.pt", *sorted((out / "checkpoints").iterdir())]
     before = {p: p.read_bytes() for p in results}
@@ -202,7 +211,7 @@ def test_non_finite_training_loss_stops_with_epoch_and_step_and_keeps_the_checkp
     result = train(tmp_path, *SMALL, "epochs=4", f"output_dir={out}", nproc=2, check=False)
     assert result.returncode != 0 and re.search(r"exitcode\s*:\s*3\b", result.stderr)  # torchrun: 1; workers: 3
     errors = error_lines(result.stderr)
-    assert len(errors) == 1 and "training loss is nan at epoch 3, step 1" in errors[0], result.stderr[-2000:]
+    assert len(errors) == 1 and f"training loss is {loss} at epoch 3, step 1" in errors[0], result.stderr[-2000:]
     assert sorted((out / "checkpoints").iterdir()) == results[2:]
     assert {p: p.read_bytes() for p in results} == before  # nothing written after the divergence
 
