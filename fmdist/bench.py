@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
@@ -43,6 +44,7 @@ from fmdist.transforms import BatchTransform
 BATCH = 256
 WARMUP_STEPS = 2  # untimed, per training loop
 TRAIN_ROUNDS = 3  # the timed training steps of the two loops alternate in this many rounds
+T = TypeVar("T")
 TARGETS = {"data_ratio": 20.0, "train_ratio": 1.4, "data_rss_ratio": 2.0}
 
 
@@ -314,18 +316,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _reset_gpu_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _gpu_peak_mb(device: torch.device, baseline_mb: float = 0.0) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 2**20 - baseline_mb if device.type == "cuda" else None
-
-
-def _gpu_allocated_mb(device: torch.device) -> float:
-    return torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
+def _with_gpu_peak(device: torch.device, build: Callable[[], T]) -> tuple[T, float | None]:
+    """build()'s result, and the peak GPU memory of building it above what was allocated before
+    (None off GPUs)."""
+    if device.type != "cuda":
+        return build(), None
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    result = build()
+    torch.cuda.synchronize(device)
+    return result, (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
 # ---------------------------------------------------------------------- the run
@@ -351,15 +352,9 @@ def measure(device_name: str, sizes: Sizes) -> dict:
         "fmdist": fmdist_data_rate(cfg, runtime, train_split),
     }
     print("fmdist-bench: data pipelines measured", flush=True)
-    # Each side's GPU memory: the peak of its build and warm-up above what was allocated before it.
-    before_tutorial = _gpu_allocated_mb(device)
-    _reset_gpu_peak(device)
-    tutorial_run = tutorial_trainer(train_images, train_labels, device)
-    tutorial_gpu = _gpu_peak_mb(device, before_tutorial)
-    before_fmdist = _gpu_allocated_mb(device)
-    _reset_gpu_peak(device)
-    fmdist_run = fmdist_trainer(cfg, runtime, train_split)
-    fmdist_gpu = _gpu_peak_mb(device, before_fmdist)
+    # Each side's GPU memory: the peak of its build and warm-up steps.
+    tutorial_run, tutorial_gpu = _with_gpu_peak(device, lambda: tutorial_trainer(train_images, train_labels, device))
+    fmdist_run, fmdist_gpu = _with_gpu_peak(device, lambda: fmdist_trainer(cfg, runtime, train_split))
     results["train_images_per_sec"] = interleaved_rates({"tutorial": tutorial_run, "fmdist": fmdist_run},
                                                         sizes.train_steps)  # fmt: skip
     if device.type == "cuda":

@@ -177,6 +177,17 @@ def write_idx(path: Path, array: np.ndarray, compress: bool = False) -> Path:
     return path
 
 
+def write_fashion_mnist_idx(root: Path, images: np.ndarray, labels: np.ndarray, train_count: int) -> Path:
+    """FashionMNIST's four IDX files where torchvision keeps them (root/FashionMNIST/raw): the first
+    train_count images are the training split, the rest the test split. Returns root (data.root)."""
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix, part in (("train", slice(0, train_count)), ("t10k", slice(train_count, None))):
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images[part])
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels[part])
+    return root
+
+
 def load_real_sample() -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 [N, 28, 28], labels) of the real FashionMNIST sample, or skip if it is absent."""
     if not REAL_SAMPLE_CSV.is_file():

@@ -18,7 +18,7 @@ import torchvision
 from fmdist import models
 from fmdist.errors import FmdistError
 
-from helpers import CONFIGS, REPO, train, train_ranks, write_idx, write_kaggle_csv
+from helpers import CONFIGS, REPO, train, train_ranks, write_fashion_mnist_idx, write_kaggle_csv
 
 HEADER = "label," + ",".join(f"pixel{i}" for i in range(1, 785))
 GOOD_ROW = "3," + ",".join(["7"] * 784)
@@ -190,14 +190,9 @@ def _shrink_the_head_of_every_checkpoint(run: Path) -> None:
 
 
 def _idx_files(tmp: Path, top_label: int) -> Path:
-    raw = tmp / "idx" / "FashionMNIST" / "raw"
-    raw.mkdir(parents=True)
     labels = np.arange(80) % 10
     labels[7] = top_label
-    for prefix, part in (("train", slice(0, 64)), ("t10k", slice(64, 80))):
-        write_idx(raw / f"{prefix}-images-idx3-ubyte", np.zeros((80, 28, 28), np.uint8)[part])
-        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels[part])
-    return tmp / "idx"
+    return write_fashion_mnist_idx(tmp / "idx", np.zeros((80, 28, 28), np.uint8), labels, train_count=64)
 
 
 def _text(path: Path, text: str) -> Path:

@@ -19,7 +19,7 @@ from fmdist.data import (
 from fmdist.errors import FmdistError
 from fmdist.transforms import BatchTransform
 
-from helpers import CONFIGS, write_idx, write_kaggle_csv
+from helpers import CONFIGS, write_fashion_mnist_idx, write_kaggle_csv
 
 CPU = torch.device("cpu")
 
@@ -48,13 +48,7 @@ def test_synthetic_defaults_to_fashion_mnist_sizes():
 def idx_root(tmp_path, real_sample):
     """FashionMNIST's four IDX files, as torchvision keeps them, made of real images."""
     images, labels = real_sample
-    raw = tmp_path / "FashionMNIST" / "raw"
-    raw.mkdir(parents=True)
-    write_idx(raw / "train-images-idx3-ubyte", images[:600])
-    write_idx(raw / "train-labels-idx1-ubyte", labels[:600])
-    write_idx(raw / "t10k-images-idx3-ubyte", images[600:])
-    write_idx(raw / "t10k-labels-idx1-ubyte", labels[600:])
-    return tmp_path
+    return write_fashion_mnist_idx(tmp_path, images, labels, train_count=600)
 
 
 def test_torchvision_source_reads_idx_files_without_downloading(idx_root, real_sample):

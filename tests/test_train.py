@@ -29,7 +29,7 @@ from helpers import (
     read_history,
     run_command,
     train,
-    write_idx,
+    write_fashion_mnist_idx,
 )
 
 SMOKE = ("--config", str(CONFIGS / "smoke.yaml"))
@@ -348,11 +348,7 @@ def test_compiled_model_trains_and_saves_plain_state_dict_keys(tmp_path):
 
 def test_torchvision_source_trains_from_idx_files_offline_under_torchrun(tmp_path, real_sample):
     images, labels = real_sample
-    raw = tmp_path / "data" / "FashionMNIST" / "raw"
-    raw.mkdir(parents=True)
-    for prefix, part in (("train", slice(0, 800)), ("t10k", slice(800, None))):
-        write_idx(raw / f"{prefix}-images-idx3-ubyte", images[part])
-        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels[part])
+    write_fashion_mnist_idx(tmp_path / "data", images, labels, train_count=800)
     out = tmp_path / "tv"
     result = train(
         tmp_path,
